@@ -1,0 +1,92 @@
+"""Contract C1: ``python -m registry.episodes`` prints official descriptions, one JSON line each."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from registry.config import EpisodeDescriptionConfig
+from registry.dataset_spec import load_dataset_spec
+from registry.episodes import build_parser, config_from_args
+from registry.sampling import EpisodeDescriptionSampler
+
+ROOT = Path(__file__).resolve().parents[2]
+SHARED_PARENT = ROOT.parent
+SAMPLER_DIR = SHARED_PARENT / "shared" / "conformance" / "sampler"
+MANIFEST = json.loads((SAMPLER_DIR / "manifest.json").read_text())
+
+
+def run_cli(*args):
+    return subprocess.run(
+        [sys.executable, "-m", "registry.episodes", *map(str, args)], cwd=ROOT, capture_output=True, text=True
+    )
+
+
+def override_flags(overrides):
+    flags = []
+    for name, value in overrides.items():
+        flag = "--" + name.replace("_", "-")
+        flags += [flag] if value is True else [flag, value]
+    return flags
+
+
+@pytest.mark.parametrize("entry", MANIFEST["files"], ids=[e["file"] for e in MANIFEST["files"]])
+def test_cli_prints_the_golden_lines(entry):
+    result = run_cli(
+        "--spec", SHARED_PARENT / entry["spec"], "--split", entry["split"].lower(), "--seed", entry["seed"],
+        "--episodes", entry["n_episodes"], *override_flags(entry["config_overrides"]),
+    )
+    assert result.returncode == 0, result.stderr
+    expected = (SAMPLER_DIR / entry["file"]).read_text().splitlines()
+    assert [json.loads(line) for line in result.stdout.splitlines()] == [json.loads(line) for line in expected]
+
+
+def test_rejected_input_prints_earlier_episodes_then_one_error_line():
+    spec_dir = SAMPLER_DIR / "toy"
+    config = EpisodeDescriptionConfig(num_ways=5, num_support=5, num_query=15)
+    sampler = EpisodeDescriptionSampler.from_seed(load_dataset_spec(spec_dir), "train", config, 0)
+    good = []
+    with pytest.raises(ValueError):
+        while True:
+            good.append(sampler.sample_episode_description())
+    result = run_cli("--spec", spec_dir, "--split", "train", "--seed", 0, "--episodes", 100,
+                     "--num-ways", 5, "--num-support", 5, "--num-query", 15)
+    assert result.returncode != 0
+    assert [tuple(map(tuple, json.loads(line))) for line in result.stdout.splitlines()] == good
+    assert result.stderr.strip().splitlines() == [
+        "python -m registry.episodes: error: Some classes do not have enough examples."
+    ]
+
+
+def test_construction_error_exits_nonzero_with_the_official_message():
+    result = run_cli("--spec", SHARED_PARENT / "shared/conformance/specs/traffic_sign", "--split", "train",
+                     "--seed", 0, "--episodes", 1)
+    assert result.returncode == 2 and result.stdout == ""
+    assert '"min_ways" is set to 5, but split Split.TRAIN of dataset traffic_sign only has 0 classes' in result.stderr
+
+
+def test_missing_spec_names_the_file():
+    result = run_cli("--spec", "/nonexistent/source", "--split", "test", "--seed", 0, "--episodes", 1)
+    assert result.returncode == 2
+    assert "/nonexistent/source/dataset_spec.json: no such file" in result.stderr
+
+
+def test_every_config_field_has_a_flag_and_unset_flags_keep_the_defaults():
+    parser = build_parser()
+    base = ["--spec", "x", "--split", "test", "--seed", "0", "--episodes", "1"]
+    assert config_from_args(parser.parse_args(base)) == EpisodeDescriptionConfig()
+    flags = {a.dest for a in parser._actions}
+    assert set(EpisodeDescriptionConfig.field_names()) <= flags
+    args = parser.parse_args(base + ["--min-ways", "3", "--num-support", "2,4", "--ignore-dag-ontology",
+                                     "--min-log-weight", "-0.5"])
+    assert config_from_args(args) == EpisodeDescriptionConfig(
+        min_ways=3, num_support=(2, 4), ignore_dag_ontology=True, min_log_weight=-0.5
+    )
+
+
+def test_cli_does_not_import_torch():
+    code = "import sys, registry.episodes; print('torch' in sys.modules)"
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    assert result.stdout.strip() == "False", result.stderr
