@@ -1,0 +1,297 @@
+"""Episodes: identity -> description -> records -> decoded, preprocessed tensors.
+
+An episode is a pure function of its identity ``(benchmark, source, split, seed, episode)``:
+
+* its **description** is element ``episode`` of the official sampler stream for ``seed``
+  (`registry.sampling.EpisodeDescriptionSampler.from_seed` on the source's spec, split and the
+  benchmark's episode config);
+* its **images**: for class j of the description, with (k_j support, q_j query), k_j + q_j distinct
+  record indices are drawn uniformly without replacement from the class's n_j records by a
+  generator seeded with a hash of the identity; the first k_j are the support, the rest the query.
+  So no image appears twice within an episode, and every record is equally likely.
+* **labels** follow the description order: the j-th class gets label j in support and query.
+  Examples stay grouped by class, in that order.
+
+Hence any episode can be rebuilt alone (in a worker process, after a resume), and every method
+sees the same episodes. (The official pipeline's per-class shuffle buffers and flush are a
+TensorFlow stream that cannot be seeded; this is the exact-uniform variant, as in
+pytorch-meta-dataset, and is documented as the deliberate departure.)
+
+Meta-training draws episode e's source uniformly from the benchmark's training sources with a
+generator seeded by the run seed, then takes that source's next description; each source has its
+own official sampler, seeded in ``train_sources`` order from one module RNG of the run seed.
+"""
+
+import hashlib
+from dataclasses import dataclass
+from functools import cached_property
+
+import numpy as np
+import torch
+
+from benchmark.preprocess import Preprocess
+from benchmark.records import RecordFile, decode_image
+from registry.catalog import get_benchmark, resolve_records_root
+from registry.dataset_spec import Split
+from registry.errors import DataError
+from registry.sampling import EpisodeDescriptionSampler
+
+__all__ = [
+    "EpisodeId",
+    "Episode",
+    "DescriptionStream",
+    "SourceRecords",
+    "BenchmarkData",
+    "EvalEpisodes",
+    "TrainEpisodes",
+    "episode_loader",
+]
+
+
+@dataclass(frozen=True)
+class EpisodeId:
+    """The identity of an episode; equal identities give identical episodes."""
+
+    benchmark: str
+    source: str
+    split: str
+    seed: int
+    episode: int
+
+    def image_rng(self):
+        """The generator that picks this episode's records: seeded by a SHA-256 of the identity."""
+        key = f"{self.benchmark}/{self.source}/{self.split}/{self.seed}/{self.episode}".encode()
+        words = np.frombuffer(hashlib.sha256(key).digest(), dtype="<u4")
+        return np.random.default_rng(np.random.SeedSequence(words.tolist()))
+
+
+@dataclass
+class Episode:
+    """One decoded episode. Images are ``float32 N×3×s×s``; labels ``int64`` in ``0..ways−1``.
+
+    ``*_records`` are ``int64 N×2`` arrays of (absolute class id, record index), for provenance.
+    """
+
+    id: EpisodeId
+    description: tuple
+    support_images: torch.Tensor
+    support_labels: torch.Tensor
+    query_images: torch.Tensor
+    query_labels: torch.Tensor
+    support_records: np.ndarray
+    query_records: np.ndarray
+
+    @property
+    def ways(self):
+        return len(self.description)
+
+
+class DescriptionStream:
+    """Descriptions 0, 1, 2, ... of one official sampler, drawn once and kept.
+
+    Element i is the i-th ``sample_episode_description()`` of the sampler, so ``stream[i]`` is the
+    same whatever order elements are asked for in.
+    """
+
+    def __init__(self, sampler, where):
+        self._sampler = sampler
+        self._where = where
+        self._drawn = []
+
+    def __getitem__(self, i):
+        while len(self._drawn) <= i:
+            try:
+                self._drawn.append(self._sampler.sample_episode_description())
+            except ValueError as err:
+                raise DataError(f"{self._where}, episode {len(self._drawn)}: {err}") from None
+        return self._drawn[i]
+
+
+class SourceRecords:
+    """One source on disk: its checked spec, its class files, and its preprocessing."""
+
+    def __init__(self, source, records_root, preprocess):
+        self.source = source
+        self.spec = source.load_spec(records_root)
+        self.preprocess = preprocess
+        self._files = {}
+
+    def _file(self, class_id):
+        if class_id not in self._files:
+            path = self.spec.class_path(class_id)
+            if not path.is_file():
+                raise DataError(f"{path}: missing class file of source '{self.source.name}'; {self.source.how_to_fix()}")
+            self._files[class_id] = RecordFile(path)
+        return self._files[class_id]
+
+    def images(self, class_id, indices):
+        """Records ``indices`` of absolute class ``class_id``, decoded and preprocessed (``N×3×s×s``)."""
+        records = self._file(class_id)
+        expected = self.spec.get_total_images_per_class(class_id)
+        try:
+            if len(records) != expected:
+                raise DataError(
+                    f"{records.path}: {len(records)} records, dataset_spec.json says {expected}; "
+                    f"{self.source.how_to_fix()}"
+                )
+            out = []
+            for i in indices:
+                image, label = records.example(int(i))
+                if label != class_id:
+                    raise DataError(
+                        f"{records.path}: record {i} has label {label}, expected {class_id}; {self.source.how_to_fix()}"
+                    )
+                out.append(self.preprocess(decode_image(image, where=f"{records.path} record {i}")))
+        finally:
+            records.close()  # thousands of class files: keep the offsets, not the handles
+        return torch.stack(out) if out else torch.empty(0, 3, self.preprocess.image_size, self.preprocess.image_size)
+
+    def episode(self, episode_id, description, split):
+        """Assemble the `Episode` of ``description`` (relative ids of ``split``) for ``episode_id``."""
+        rng = episode_id.image_rng()
+        offset = self.spec.split_offset(split)
+        parts = {"support": ([], [], []), "query": ([], [], [])}
+        for label, (rel_id, k, q) in enumerate(description):
+            class_id = offset + rel_id
+            n = self.spec.get_total_images_per_class(class_id)
+            picked = rng.choice(n, size=k + q, replace=False)
+            for name, indices in (("support", picked[:k]), ("query", picked[k:])):
+                images, labels, records = parts[name]
+                images.append(self.images(class_id, indices))
+                labels.append(torch.full((len(indices),), label, dtype=torch.int64))
+                records.append(np.stack([np.full(len(indices), class_id), indices], axis=1))
+        (s_img, s_lab, s_rec), (q_img, q_lab, q_rec) = (
+            (torch.cat(i), torch.cat(l), np.concatenate(r).astype(np.int64)) for i, l, r in parts.values()
+        )
+        return Episode(episode_id, description, s_img, s_lab, q_img, q_lab, s_rec, q_rec)
+
+
+class BenchmarkData:
+    """A benchmark opened on its records: checked specs and preprocessing for every source it uses.
+
+    Example:
+        >>> data = BenchmarkData("md_mini")
+        >>> episode = data.eval_episodes("mini_digits", "test")[0]
+    """
+
+    def __init__(self, benchmark, records_root=None):
+        self.benchmark = get_benchmark(benchmark) if isinstance(benchmark, str) else benchmark
+        self.records_root = resolve_records_root(self.benchmark, records_root)
+        self.sources = {
+            s.name: SourceRecords(s, self.records_root, Preprocess.for_source(s, self.benchmark.preprocessing))
+            for s in self.benchmark.sources
+        }
+
+    def source(self, name):
+        if name not in self.sources:
+            raise DataError(
+                f"benchmark '{self.benchmark.name}' does not use source {name!r}; it uses {', '.join(self.sources)}"
+            )
+        return self.sources[name]
+
+    def description_stream(self, source, split, seed, rng=None):
+        """The official description stream of ``source``/``split`` for ``seed`` (or a given sampler RNG)."""
+        records, split = self.source(source), Split.parse(split)
+        config = self.benchmark.config_for(split)
+        where = f"benchmark '{self.benchmark.name}', source '{source}', split {split.value.lower()}, seed {seed}"
+        try:
+            if rng is None:
+                sampler = EpisodeDescriptionSampler.from_seed(records.spec, split, config, seed)
+            else:
+                sampler = EpisodeDescriptionSampler(records.spec, split, config, rng=rng)
+        except ValueError as err:
+            raise DataError(f"{where}: {err}") from None
+        return DescriptionStream(sampler, where)
+
+    def eval_episodes(self, source, split, seed=None, num_episodes=None):
+        """The fixed validation or test episodes of one source (default: the benchmark's seed and count)."""
+        split = Split.parse(split)
+        default_n = self.benchmark.test_episodes if split is Split.TEST else self.benchmark.valid_episodes
+        return EvalEpisodes(
+            self, source, split, self.benchmark.seed if seed is None else seed, default_n if num_episodes is None else num_episodes
+        )
+
+    def train_episodes(self, seed, num_episodes, start=0):
+        """Meta-training episodes ``start .. start + num_episodes − 1`` of the run seeded ``seed``."""
+        return TrainEpisodes(self, seed, num_episodes, start)
+
+
+class EvalEpisodes(torch.utils.data.Dataset):
+    """Episodes ``0 .. num_episodes − 1`` of one (source, split, seed): a map-style dataset."""
+
+    def __init__(self, data, source, split, seed, num_episodes):
+        self.data, self.source, self.split, self.seed, self.num_episodes = data, source, split, seed, num_episodes
+        self._stream = data.description_stream(source, split, seed)
+
+    def __len__(self):
+        return self.num_episodes
+
+    def episode_id(self, i):
+        return EpisodeId(self.data.benchmark.name, self.source, self.split.value.lower(), self.seed, i)
+
+    def __getitem__(self, i):
+        if not 0 <= i < self.num_episodes:
+            raise IndexError(i)
+        return self.data.source(self.source).episode(self.episode_id(i), self._stream[i], self.split)
+
+
+class TrainEpisodes(torch.utils.data.Dataset):
+    """Meta-training episodes ``start + i``: source e uniform over ``train_sources``, then its next description.
+
+    Episode e's source comes from ``integers(0, #sources)`` draw e of a generator seeded by the run
+    seed; its description is element k of that source's stream, where k counts the earlier episodes
+    that drew the same source. Both are recomputed from scratch, so a resumed run continues exactly.
+    """
+
+    SOURCE_CHOICE_TAG = 0x7E41  # separates the source-choice stream from other uses of the seed
+
+    def __init__(self, data, seed, num_episodes, start=0):
+        self.data, self.seed, self.num_episodes, self.start = data, seed, num_episodes, start
+        self.sources = [s.name for s in data.benchmark.train_sources]
+        if not self.sources:
+            raise DataError(f"benchmark '{data.benchmark.name}' has no train_sources to meta-train on")
+        module_rng = np.random.RandomState(seed)  # one official sampler per source, seeded in order
+        self._streams = [
+            data.description_stream(s, Split.TRAIN, seed, rng=np.random.RandomState(module_rng.randint(0, 2**32, dtype="uint32")))
+            for s in self.sources
+        ]
+
+    @cached_property
+    def _schedule(self):
+        """(source index, index within that source's stream) of every episode up to the last one."""
+        end = self.start + self.num_episodes
+        choice = np.random.default_rng([self.seed, self.SOURCE_CHOICE_TAG]).integers(0, len(self.sources), size=end)
+        within = np.zeros(end, dtype=np.int64)
+        for s in range(len(self.sources)):
+            hits = np.flatnonzero(choice == s)
+            within[hits] = np.arange(len(hits))
+        return choice, within
+
+    def __len__(self):
+        return self.num_episodes
+
+    def __getitem__(self, i):
+        if not 0 <= i < self.num_episodes:
+            raise IndexError(i)
+        e = self.start + i
+        choice, within = self._schedule
+        source = self.sources[choice[e]]
+        episode_id = EpisodeId(self.data.benchmark.name, source, "train", self.seed, e)
+        description = self._streams[choice[e]][within[e]]
+        return self.data.source(source).episode(episode_id, description, Split.TRAIN)
+
+
+def episode_loader(episodes, num_workers=0):
+    """A ``DataLoader`` yielding `Episode` objects in index order, decoded by ``num_workers`` processes."""
+    return torch.utils.data.DataLoader(
+        episodes,
+        batch_size=None,
+        shuffle=False,
+        num_workers=num_workers,
+        collate_fn=_as_is,
+    )
+
+
+def _as_is(episode):
+    """The loader's per-item conversion: episodes are already tensors (a named function pickles)."""
+    return episode

@@ -1,0 +1,151 @@
+"""Episodes are pure functions of their identity, follow the official descriptions, and never repeat an image."""
+
+from collections import Counter
+
+import numpy as np
+import pytest
+import torch
+from conftest import pixel_code
+
+from benchmark.episodes import BenchmarkData, EpisodeId, episode_loader
+from benchmark.preprocess import IMAGENET_MEAN, IMAGENET_STD
+from registry.catalog import Benchmark, Source
+from registry.config import EpisodeDescriptionConfig
+from registry.dataset_spec import load_dataset_spec
+from registry.errors import DataError
+from registry.sampling import EpisodeDescriptionSampler
+
+TRAIN_SIZES = [15, 21, 26, 32, 37, 43, 48, 54, 59, 65]
+
+
+def source(name, counts, role="id"):
+    return Source(name, role, "flat", dict(zip(("train", "valid", "test"), counts)), 8, "center_crop", "imagenet",
+                  "generated")
+
+
+@pytest.fixture
+def bench(write_source, tmp_path):
+    """Two flat sources: 'alpha' (10/6/7 classes of 15..65 images) and 'beta' (8/5/6 classes of 30)."""
+    write_source("alpha", (10, 6, 7), TRAIN_SIZES + [40] * 13)
+    write_source("beta", (8, 5, 6), 30)
+    alpha, beta = source("alpha", (10, 6, 7)), source("beta", (8, 5, 6))
+    benchmark = Benchmark("toy_bench", "", "user", (alpha, beta), (alpha, beta), (alpha, beta), (), 4, 6, 0, "paper")
+    return BenchmarkData(benchmark, tmp_path)
+
+
+def decoded_codes(images):
+    """Undo ImageNet normalisation and read back each uniform image's colour."""
+    mean, std = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    pixels = (images * std + mean) * 255
+    return [tuple(int(round(v)) for v in p[:, 0, 0].tolist()) for p in pixels]
+
+
+def test_description_is_the_official_stream_element(bench, tmp_path):
+    episodes = bench.eval_episodes("alpha", "test", seed=3, num_episodes=6)
+    sampler = EpisodeDescriptionSampler.from_seed(load_dataset_spec(tmp_path / "alpha"), "test", EpisodeDescriptionConfig(), 3)
+    expected = [sampler.sample_episode_description() for _ in range(6)]
+    assert [episodes[i].description for i in (5, 0, 3, 1, 2, 4)] == [expected[i] for i in (5, 0, 3, 1, 2, 4)]
+
+
+def test_labels_follow_description_order_with_k_support_and_q_query(bench):
+    episode = bench.eval_episodes("alpha", "train", num_episodes=3)[2]
+    support, query = Counter(episode.support_labels.tolist()), Counter(episode.query_labels.tolist())
+    for label, (rel_id, k, q) in enumerate(episode.description):
+        assert support[label] == k and query[label] == q
+        rows = episode.support_records[episode.support_labels.numpy() == label]
+        assert set(rows[:, 0]) == {rel_id}  # the TRAIN split starts at absolute id 0
+
+
+def test_no_image_appears_twice_within_an_episode(bench):
+    for split in ("train", "valid", "test"):
+        for episode in bench.eval_episodes("alpha", split, num_episodes=6):
+            rows = np.concatenate([episode.support_records, episode.query_records])
+            assert len({tuple(r) for r in rows}) == len(rows)
+
+
+def test_images_are_the_records_the_episode_names(bench):
+    episode = bench.eval_episodes("beta", "test", num_episodes=1)[0]
+    for images, records in ((episode.support_images, episode.support_records), (episode.query_images, episode.query_records)):
+        assert decoded_codes(images) == [pixel_code(c, i) for c, i in records]
+    assert episode.support_images.shape[1:] == (3, 8, 8) and episode.support_images.dtype == torch.float32
+    assert episode.support_records[:, 0].min() >= 8 + 5  # TEST ids follow TRAIN and VALID
+
+
+def test_episode_is_a_pure_function_of_its_identity(bench, tmp_path):
+    first = bench.eval_episodes("alpha", "valid", num_episodes=4)[3]
+    rebuilt = BenchmarkData(bench.benchmark, tmp_path).eval_episodes("alpha", "valid", num_episodes=4)[3]
+    assert first.id == rebuilt.id == EpisodeId("toy_bench", "alpha", "valid", 0, 3)
+    assert torch.equal(first.support_images, rebuilt.support_images) and torch.equal(first.query_images, rebuilt.query_images)
+    np.testing.assert_array_equal(first.query_records, rebuilt.query_records)
+
+
+def test_different_identities_pick_different_images():
+    a, b = (EpisodeId("b", "s", "test", 0, e).image_rng().choice(1000, 50, replace=False) for e in (0, 1))
+    assert not np.array_equal(a, b)
+
+
+def test_worker_processes_give_the_same_episodes(bench):
+    episodes = bench.eval_episodes("alpha", "test", num_episodes=4)
+    alone = [e.query_records for e in episode_loader(episodes, num_workers=0)]
+    parallel = [e.query_records for e in episode_loader(episodes, num_workers=2)]
+    assert all(np.array_equal(a, p) for a, p in zip(alone, parallel)) and len(parallel) == 4
+
+
+def test_training_sources_are_drawn_uniformly(bench):
+    stream = bench.train_episodes(seed=1, num_episodes=4000)
+    choice, _ = stream._schedule
+    share = np.bincount(choice, minlength=2) / len(choice)
+    assert np.all(np.abs(share - 0.5) < 4 * np.sqrt(0.25 / len(choice)))
+
+
+def test_resumed_training_stream_continues_exactly(bench):
+    whole = bench.train_episodes(seed=5, num_episodes=12)
+    resumed = bench.train_episodes(seed=5, num_episodes=4, start=8)
+    for i in range(4):
+        a, b = whole[8 + i], resumed[i]
+        assert a.id == b.id and a.description == b.description
+        np.testing.assert_array_equal(a.support_records, b.support_records)
+
+
+def test_training_descriptions_are_each_sources_official_stream_in_order(bench):
+    stream = bench.train_episodes(seed=2, num_episodes=30)
+    episodes = [stream[i] for i in range(30)]
+    module_rng = np.random.RandomState(2)
+    for name in ("alpha", "beta"):
+        sampler = EpisodeDescriptionSampler(
+            bench.source(name).spec, "train", EpisodeDescriptionConfig(),
+            rng=np.random.RandomState(module_rng.randint(0, 2**32, dtype="uint32")),
+        )
+        mine = [e.description for e in episodes if e.id.source == name]
+        assert mine == [sampler.sample_episode_description() for _ in mine]
+
+
+def test_missing_class_file_names_the_file_and_the_fix(bench, tmp_path):
+    (tmp_path / "beta" / "14.tfrecords").unlink()
+    episodes = bench.eval_episodes("beta", "test", num_episodes=50)
+    with pytest.raises(DataError, match=r"beta/14.tfrecords: missing class file of source 'beta'"):
+        for i in range(50):
+            episodes[i]
+
+
+def test_record_count_disagreeing_with_the_spec_is_reported(bench, tmp_path, write_source):
+    spec_file = tmp_path / "beta" / "dataset_spec.json"
+    spec_file.write_text(spec_file.read_text().replace('"13": 30', '"13": 31'))
+    fresh = BenchmarkData(bench.benchmark, tmp_path)
+    with pytest.raises(DataError, match=r"13.tfrecords: 30 records, dataset_spec.json says 31"):
+        for i in range(50):
+            fresh.eval_episodes("beta", "test", num_episodes=50)[i]
+
+
+def test_sampler_error_names_benchmark_source_split_and_episode(write_source, tmp_path):
+    write_source("tiny", (0, 0, 5), [3, 3, 3, 3, 3])
+    tiny = source("tiny", (0, 0, 5), role="ood")
+    bench = Benchmark("t", "", "user", (), (), (tiny,), (), 0, 2, 0, "paper",
+                      eval_episode_config={"num_support": 5})
+    with pytest.raises(DataError, match=r"benchmark 't', source 'tiny', split test, seed 0, episode 0: Expected at least 6"):
+        BenchmarkData(bench, tmp_path).eval_episodes("tiny", "test")[0]
+
+
+def test_unknown_source_of_a_benchmark_is_rejected(bench):
+    with pytest.raises(DataError, match="does not use source 'gamma'; it uses alpha, beta"):
+        bench.source("gamma")
