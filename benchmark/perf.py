@@ -44,7 +44,7 @@ def write_md_sized_source(root, num_classes, images_per_class, width, height, se
     directory = Path(root) / "perf_md"
     directory.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
-    for class_id in tqdm(range(num_classes), desc="writing perf_md", file=sys.stderr, leave=False):
+    for class_id in tqdm(range(num_classes), desc="writing perf_md", file=sys.stderr, leave=False, disable=None):
         payloads = []
         for _ in range(images_per_class):
             field = rng.integers(0, 256, size=(6, 8, 3), dtype=np.uint8)
@@ -72,7 +72,7 @@ def time_episodes(data, source, num_episodes, workers):
     images = 0
     start = time.perf_counter()
     for episode in tqdm(episode_loader(episodes, workers), total=num_episodes, desc=f"{source} w={workers}",
-                        file=sys.stderr, leave=False):
+                        file=sys.stderr, leave=False, disable=None):
         images += len(episode.support_images) + len(episode.query_images)
     return time.perf_counter() - start, num_episodes, images
 
@@ -91,10 +91,8 @@ def run_data(args):
     if "mini" in args.inputs:
         data = BenchmarkData("md_mini")
         for workers in args.workers:
-            totals = np.zeros(3)
-            for source in data.benchmark.test_sources:
-                totals += time_episodes(data, source.name, args.episodes, workers)
-            report(f"md_mini (all test sources, 32 px) w={workers}", *totals)
+            timings = [time_episodes(data, s.name, args.episodes, workers) for s in data.benchmark.test_sources]
+            report(f"md_mini (all test sources, 32 px) w={workers}", *map(sum, zip(*timings)))
     if "md" in args.inputs:
         with tempfile.TemporaryDirectory(prefix="smat-perf-") as tmp:
             width, height = args.image_px

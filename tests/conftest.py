@@ -78,3 +78,11 @@ def write_source(tmp_path):
         return directory
 
     return write
+
+
+@pytest.fixture(scope="session")
+def mini_root(tmp_path_factory):
+    """The embedded mini benchmark, generated once per test session into a temporary cache."""
+    from registry.mini import generate
+
+    return generate(tmp_path_factory.mktemp("cache") / "mini")

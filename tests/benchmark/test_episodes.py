@@ -149,3 +149,14 @@ def test_sampler_error_names_benchmark_source_split_and_episode(write_source, tm
 def test_unknown_source_of_a_benchmark_is_rejected(bench):
     with pytest.raises(DataError, match="does not use source 'gamma'; it uses alpha, beta"):
         bench.source("gamma")
+
+
+def test_every_md_mini_source_matches_its_declaration_and_gives_episodes(mini_root):
+    data = BenchmarkData("md_mini", mini_root)
+    for test_source in data.benchmark.test_sources:
+        episode = data.eval_episodes(test_source.name, "test", num_episodes=1)[0]
+        assert episode.support_images.shape[1:] == (3, 32, 32) and episode.ways >= 5
+    for valid_source in data.benchmark.valid_sources:
+        assert data.eval_episodes(valid_source.name, "valid", num_episodes=1)[0].ways >= 5
+    stream = data.train_episodes(seed=0, num_episodes=16)
+    assert {stream[i].id.source for i in range(16)} == {s.name for s in data.benchmark.train_sources}
