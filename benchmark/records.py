@@ -37,7 +37,14 @@ from registry.dataset_spec import load_dataset_spec
 from registry.errors import DataError, exit_on_error
 
 __all__ = [
-    "RecordError", "encode_example", "decode_example", "write_records", "iter_records", "RecordFile", "decode_image"
+    "RecordError",
+    "encode_example",
+    "decode_example",
+    "write_records",
+    "iter_records",
+    "RecordFile",
+    "decode_image",
+    "verify_source",
 ]
 
 _HEADER = struct.Struct("<QI")  # length, masked CRC of the length
@@ -336,8 +343,19 @@ def decode_image(image_bytes, where="image"):
         raise RecordError(f"{where}: not a decodable image ({err}); re-run the conversion of this source") from None
 
 
-def _verify(source_dir):
-    """Check every class file of a source; print one summary line."""
+def verify_source(source_dir):
+    """Check every class file of a converted source against its ``dataset_spec.json``.
+
+    Checks framing and CRCs, that every label is the file's class id, and that each file holds
+    ``images_per_class`` records. A progress bar goes to stderr when it is a terminal.
+
+    Returns:
+        The one-line summary, e.g. ``"cifar10: 10 classes, 10000 records verified (CRC, labels, counts) in 1.2 s"``.
+
+    Raises:
+        DataError: the spec is missing or malformed.
+        RecordError: the first fault found; names the file and the record.
+    """
     began = time.perf_counter()
     spec = load_dataset_spec(source_dir)
     total = 0
@@ -357,7 +375,7 @@ def _verify(source_dir):
             )
         total += count
     elapsed = time.perf_counter() - began
-    print(f"{spec.name}: {spec.num_classes} classes, {total} records verified (CRC, labels, counts) in {elapsed:.1f} s")
+    return f"{spec.name}: {spec.num_classes} classes, {total} records verified (CRC, labels, counts) in {elapsed:.1f} s"
 
 
 def _export(source_dir, class_id, index, out):
@@ -387,7 +405,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     with exit_on_error(parser.prog):
         if args.command == "verify":
-            _verify(args.source_dir)
+            print(verify_source(args.source_dir))
         else:
             _export(args.source_dir, args.class_id, args.index, args.out)
 
