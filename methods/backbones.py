@@ -1,0 +1,78 @@
+"""Backbones: timm Vision Transformers by name, features = the CLS token after the final norm.
+
+Every backbone is built by ``timm.create_model(name, pretrained=..., num_classes=0,
+dynamic_img_size=True)``: ``num_classes=0`` with timm's ``global_pool='token'`` returns the normed
+CLS token, and ``dynamic_img_size`` resamples the position embeddings to the input's patch grid at
+every forward (bicubic), as DINO and PMF do, so one model serves 128-px Meta-Dataset sources and
+224-px Sketch/Clipart/Pet/Food/Cars.
+
+Names are timm names with weight tags: ``vit_small_patch16_224.dino`` (DINO ViT-S/16, the paper's
+default), ``vit_small_patch16_224.augreg_in21k`` (Sup-21K ViT-S/16, Table 3),
+``vit_small_patch14_dinov2.lvd142m`` or any other timm ViT. Weights come from timm's hub or from a
+local file (``weights_file``); offline without one, `create_backbone` says how to supply it.
+
+``smat_vit_mini_patch4_32`` is a tiny ViT (4 blocks, width 64, 32-px inputs) registered with timm
+for the embedded mini benchmark and the tests; it is timm's ``VisionTransformer`` with small kwargs.
+"""
+
+import os
+
+import gin
+import timm
+from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models.vision_transformer import VisionTransformer
+
+from registry.errors import DataError
+
+__all__ = ["create_backbone", "MINI_BACKBONE"]
+
+MINI_BACKBONE = "smat_vit_mini_patch4_32"
+
+default_cfgs = generate_default_cfgs({  # read by timm's register_model: no hub weights, 32-px input
+    MINI_BACKBONE: dict(input_size=(3, 32, 32), num_classes=0, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225)),
+})
+
+
+@register_model
+def smat_vit_mini_patch4_32(pretrained=False, **kwargs):
+    """Tiny ViT for 32-px images: patch 4 (an 8×8 grid), width 64, depth 4, 4 heads, MLP ratio 2.
+
+    It has no hub weights: pre-trained weights come from a local file (``weights_file``).
+    """
+    args = dict(img_size=32, patch_size=4, embed_dim=64, depth=4, num_heads=4, mlp_ratio=2.0)
+    return build_model_with_cfg(VisionTransformer, MINI_BACKBONE, pretrained, **{**args, **kwargs})
+
+
+def create_backbone(name="vit_small_patch16_224.dino", pretrained=True, weights_file=None):
+    """A timm ViT returning ``B × D`` CLS features; frozen parameters are the caller's business.
+
+    Args:
+        name: timm model name, optionally with a weight tag.
+        pretrained: load pre-trained weights (from ``weights_file`` if given, else timm's hub).
+        weights_file: a local ``.safetensors``/``.pth``/``.bin`` checkpoint for ``name``.
+
+    Raises:
+        DataError: unknown model name, missing weights file, or no weights obtainable (offline).
+    """
+    base = name.split(".")[0]
+    if not timm.is_model(base):
+        close = timm.list_models(f"*{base.split('_')[0]}*")[:5]
+        raise DataError(f"backbone {name!r} is not a timm model; e.g. {', '.join(close) or 'vit_small_patch16_224.dino'}")
+    kwargs = dict(num_classes=0, dynamic_img_size=True)
+    if weights_file is not None:
+        if not os.path.isfile(weights_file):
+            raise DataError(f"backbone weights_file {weights_file} does not exist; fix `create_backbone.weights_file` in gin")
+        kwargs["pretrained_cfg_overlay"] = dict(file=os.fspath(weights_file))
+    try:
+        return timm.create_model(name, pretrained=pretrained or weights_file is not None, **kwargs)
+    except (OSError, RuntimeError, ValueError) as err:
+        if weights_file is not None or not pretrained:
+            raise
+        raise DataError(
+            f"could not load pre-trained weights for backbone {name!r} ({type(err).__name__}: {err}). "
+            "On a machine with internet, timm downloads them to the Hugging Face cache; offline, download "
+            "the checkpoint elsewhere and bind `create_backbone.weights_file = '/path/to/model.safetensors'`"
+        ) from None
+
+
+gin.register(create_backbone, module="methods")

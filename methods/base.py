@@ -1,0 +1,216 @@
+"""The `Method` contract every method implements, the `Task` it learns from and the `TaskModel` it predicts with.
+
+The runner talks to every method through four calls:
+
+* ``configure_training(total_steps)`` builds the optimizers and learning-rate schedules for a run of
+  ``total_steps`` meta-updates (methods that do not train, like Pre, have nothing to build);
+* ``meta_train_step(tasks)`` takes one meta-update on a batch of `Task` s and returns scalar metrics;
+* ``task_model(support_x, support_y, ways)`` returns a `TaskModel`: the task-specific parameters
+  θ_i and a cosine ProtoNet head fitted on the support set; meta-test adapters fine-tune it or not;
+* ``state_dict()`` / ``training_state()`` (and their ``load_*``) hold everything a checkpoint needs.
+
+A subclass provides ``task_loss(task)`` (the per-task meta-objective) and ``parameter_groups()``
+(which optimizer trains which tensors, with which hyper-parameters); the base class runs the
+accumulate-over-tasks / clip / step / schedule loop. The cosine ProtoNet head is
+
+    logits_{q,k} = s · (cos(f(x_q), c_k) + b),   c_k = mean_{j: y_j = k} f(x_j),
+
+with s = 10, b = 0 unless a method learns them (PMF).
+"""
+
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from timm.scheduler import CosineLRScheduler
+from torch.func import functional_call
+
+__all__ = ["Method", "Task", "TaskModel", "prototypes", "cosine_logits", "autocast", "forward_features", "query_metrics"]
+
+
+@dataclass
+class Task:
+    """One few-shot task on a device: labelled support and query images, labels in ``0..ways−1``."""
+
+    support_x: torch.Tensor
+    support_y: torch.Tensor
+    query_x: torch.Tensor
+    query_y: torch.Tensor
+    ways: int
+
+    @classmethod
+    def from_episode(cls, episode, device="cpu"):
+        e = episode
+        tensors = (e.support_images, e.support_labels, e.query_images, e.query_labels)
+        return cls(*(t.to(device, non_blocking=True) for t in tensors), e.ways)
+
+
+def autocast(device):
+    """bf16 autocast on CUDA; full precision elsewhere (CPU bf16 is slower than fp32 here)."""
+    device = torch.device(device)
+    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+
+
+def forward_features(backbone, params, x):
+    """CLS features of ``x`` under parameters ``params`` (a name -> tensor dict) of ``backbone``, in fp32."""
+    return functional_call(backbone, params, (x,)).float()
+
+
+def prototypes(features, labels, ways):
+    """Class means of ``features`` (``N × D``): row k is the mean over the examples labelled k."""
+    one_hot = F.one_hot(labels, ways).to(features.dtype)
+    return one_hot.t() @ features / one_hot.sum(0).clamp_min(1).unsqueeze(1)
+
+
+def cosine_logits(features, class_prototypes, scale=10.0, bias=0.0):
+    """s · (cos(f, c_k) + b) for every row of ``features`` and every prototype."""
+    cos = F.normalize(features, dim=-1, eps=1e-12) @ F.normalize(class_prototypes, dim=-1, eps=1e-12).t()
+    return scale * (cos + bias)
+
+
+class TaskModel:
+    """A task-specific model: backbone parameters θ_i (a dict for ``functional_call``) and a ProtoNet head.
+
+    Args:
+        backbone: the timm module whose parameter names ``params`` uses.
+        params: name -> tensor, the task's θ_i.
+        scale, bias: the cosine head's s and b.
+    """
+
+    def __init__(self, backbone, params, scale=10.0, bias=0.0):
+        self.backbone, self.params, self.scale, self.bias = backbone, params, scale, bias
+        self.prototypes = None
+
+    @property
+    def device(self):
+        return next(iter(self.params.values())).device
+
+    def features(self, x, params=None):
+        with autocast(self.device):
+            return forward_features(self.backbone, self.params if params is None else params, x)
+
+    def fit(self, support_x, support_y, ways):
+        """Set the prototypes from the support set; returns ``self``."""
+        with torch.no_grad():
+            self.prototypes = prototypes(self.features(support_x), support_y, ways)
+        return self
+
+    def logits(self, x):
+        with torch.no_grad():
+            return cosine_logits(self.features(x), self.prototypes, self.scale, self.bias)
+
+    def predict(self, x):
+        return self.logits(x).argmax(-1)
+
+
+class Method(nn.Module):
+    """Base class of every method. See the module docstring for the contract.
+
+    Args:
+        backbone: a timm ViT from `methods.backbones.create_backbone`.
+        tasks_per_step: tasks whose gradients are averaged in one meta-update.
+        warmup_fraction: share of the run spent warming the learning rates up from ``min_lr``.
+        min_lr: first and last learning rate of the warm-up + cosine schedule.
+    """
+
+    name = None  # set by register_method
+    trains = True  # False: no meta-training (the runner skips it)
+
+    def __init__(self, backbone, tasks_per_step=1, warmup_fraction=0.05, min_lr=1e-6):
+        super().__init__()
+        self.backbone = backbone
+        self.tasks_per_step = tasks_per_step
+        self.warmup_fraction = warmup_fraction
+        self.min_lr = min_lr
+        self.optimizers, self.schedulers, self._clip = [], [], []
+        self.register_buffer("steps", torch.zeros((), dtype=torch.long))
+
+    @property
+    def device(self):
+        return next(self.backbone.parameters()).device
+
+    def pretrained_params(self):
+        """θ_pre: the backbone's own parameters, by name (no copies)."""
+        return dict(self.backbone.named_parameters())
+
+    # --- what a subclass provides -------------------------------------------------------------
+
+    def parameter_groups(self):
+        """[(optimizer class, [param group dicts], max grad norm or None)]: one entry per optimizer."""
+        return []
+
+    def task_loss(self, task):
+        """(scalar loss, {metric: float}) of one task; called under autocast."""
+        raise NotImplementedError
+
+    def before_step(self, tasks, metrics):
+        """Hook after all task gradients are in, before the optimizers step (e.g. dual ascent).
+
+        Returns extra metrics for the step (or None); ``metrics`` are the per-task ones.
+        """
+
+    def task_model(self, support_x, support_y, ways):
+        raise NotImplementedError
+
+    # --- the shared training loop ---------------------------------------------------------------
+
+    def configure_training(self, total_steps):
+        """Build the optimizers and a per-step warm-up + cosine schedule for ``total_steps`` updates."""
+        self.optimizers, self._clip = [], []
+        for optimizer_class, groups, max_norm in self.parameter_groups():
+            self.optimizers.append(optimizer_class(groups))
+            self._clip.append(max_norm)
+        warmup = int(self.warmup_fraction * total_steps)
+        self.schedulers = [
+            CosineLRScheduler(opt, t_initial=max(total_steps, 1), lr_min=self.min_lr, warmup_t=warmup,
+                              warmup_lr_init=self.min_lr, t_in_epochs=False)
+            for opt in self.optimizers
+        ]
+        for scheduler in self.schedulers:
+            scheduler.step_update(int(self.steps))
+
+    def meta_train_step(self, tasks):
+        """One meta-update: mean of the task losses, gradient clipping per optimizer, step, schedule."""
+        if not self.optimizers:
+            raise RuntimeError(f"{self.name}: call configure_training(total_steps) before meta_train_step")
+        self.train()
+        for optimizer in self.optimizers:
+            optimizer.zero_grad(set_to_none=True)
+        metrics = []
+        for task in tasks:
+            with autocast(self.device):
+                loss, task_metrics = self.task_loss(task)
+            (loss / len(tasks)).backward()
+            metrics.append({"loss": float(loss.detach()), **task_metrics})
+        extra = self.before_step(tasks, metrics) or {}
+        for optimizer, max_norm in zip(self.optimizers, self._clip):
+            if max_norm is not None:
+                params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+                torch.nn.utils.clip_grad_norm_(params, max_norm)
+            optimizer.step()
+        self.steps += 1
+        for scheduler in self.schedulers:
+            scheduler.step_update(int(self.steps))
+        summary = {key: sum(m[key] for m in metrics) / len(metrics) for key in metrics[0]}
+        summary.update(extra, lr=self.optimizers[0].param_groups[0]["lr"])
+        return summary
+
+    def training_state(self):
+        """Optimizer and scheduler states (the parameters themselves are in ``state_dict()``)."""
+        return {
+            "optimizers": [o.state_dict() for o in self.optimizers],
+            "schedulers": [s.state_dict() for s in self.schedulers],
+        }
+
+    def load_training_state(self, state):
+        for optimizer, saved in zip(self.optimizers, state["optimizers"], strict=True):
+            optimizer.load_state_dict(saved)
+        for scheduler, saved in zip(self.schedulers, state["schedulers"], strict=True):
+            scheduler.load_state_dict(saved)
+
+
+def query_metrics(logits, labels):
+    """{'query_acc': accuracy} of ``logits`` against ``labels``."""
+    return {"query_acc": float((logits.argmax(-1) == labels).float().mean())}

@@ -1,0 +1,157 @@
+"""The math of the methods, each against an independent computation."""
+
+import math
+
+import pytest
+import torch
+
+from methods import MINI_BACKBONE, Task, create_backbone, create_method
+from methods.experts import BETA, GAMMA, ZETA, ExpertDeltas, HardConcreteMasks
+from methods.router import gumbel_sigmoid_weights
+from methods.smat import distillation_loss
+
+
+@pytest.fixture
+def backbone():
+    torch.manual_seed(0)
+    return create_backbone(MINI_BACKBONE, pretrained=False)
+
+
+def random_task(ways=5, shots=3, queries=2, size=32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = lambda n: torch.randn(n, 3, size, size, generator=g)  # noqa: E731
+    return Task(x(ways * shots), torch.arange(ways).repeat(shots), x(ways * queries), torch.arange(ways).repeat(queries), ways)
+
+
+def test_expected_l0_of_hard_concrete_matches_monte_carlo():
+    torch.manual_seed(1)
+    masks = HardConcreteMasks([(50, 40)], num_experts=3, init_std=2.0)
+    with torch.no_grad():
+        analytic = masks.nonzero_probability_sums() / masks.numel
+        draws = torch.stack([(masks.sample(training=True)[0] > 0).float().mean((0, 1)) for _ in range(400)])
+    assert torch.allclose(draws.mean(0), analytic, atol=4 * draws.std(0).max() / math.sqrt(400) + 1e-3)
+
+
+def test_hard_concrete_formula_against_the_stretched_cdf():
+    """P(z > 0) = 1 − Q(0), with Q the CDF of the stretched binary concrete (Louizos et al. 2018, Eq. 12)."""
+    log_alpha = torch.tensor([-3.0, -1.0, 0.0, 2.0])
+    masks = HardConcreteMasks([(4,)], num_experts=1)
+    with torch.no_grad():
+        masks.log_alpha[0].copy_(log_alpha[:, None])
+        q0 = torch.sigmoid(BETA * (math.log(-GAMMA) - math.log(ZETA)) - log_alpha)  # Q(s <= 0)
+        assert torch.allclose(masks.nonzero_probability_sums() / 4, (1 - q0).mean().reshape(1), atol=1e-6)
+
+
+def test_gumbel_sigmoid_weights_are_normalised_in_zero_one():
+    torch.manual_seed(0)
+    logits = torch.randn(8) * 3
+    for training in (True, False):
+        alpha = gumbel_sigmoid_weights(logits, 0.5, training)
+        assert torch.all(alpha > 0) and torch.all(alpha < 1)
+        assert torch.isclose(alpha.sum(), torch.tensor(1.0), atol=1e-6)
+    assert torch.allclose(gumbel_sigmoid_weights(logits, 2.0, False), torch.sigmoid(logits / 2) / torch.sigmoid(logits / 2).sum())
+
+
+def test_eq1_equals_eq7_sparse_interpolation_form(backbone):
+    """θ_pre + δ ⊙ Σ α_m z_m = Σ α_m ((1 − z_m) ⊙ θ_pre + z_m ⊙ (θ_pre + δ)) when Σ α = 1."""
+    torch.manual_seed(2)
+    deltas = ExpertDeltas(backbone, ["blocks.0.mlp.fc1.weight"], num_experts=4, shared=True)
+    with torch.no_grad():
+        deltas.delta[0].normal_()
+    theta_pre = dict(backbone.named_parameters())["blocks.0.mlp.fc1.weight"].detach()
+    z = torch.rand(*theta_pre.shape, 4).round()
+    alpha = torch.softmax(torch.randn(4), 0)
+    merged = deltas.merge({"blocks.0.mlp.fc1.weight": theta_pre}, alpha, [z])["blocks.0.mlp.fc1.weight"]
+    delta = deltas.delta[0].detach()
+    eq7 = sum(alpha[m] * ((1 - z[..., m]) * theta_pre + z[..., m] * (theta_pre + delta)) for m in range(4))
+    assert torch.allclose(merged, eq7, atol=1e-6)
+
+
+def test_softmerge_is_the_weighted_average_of_expert_models(backbone):
+    method = create_method("softmerge", backbone=backbone, num_experts=3)
+    with torch.no_grad():
+        for delta in method.deltas.delta:
+            delta.normal_()
+    alpha = torch.tensor([0.2, 0.5, 0.3])
+    merged = method.deltas.merge(method.pretrained_params(), alpha)
+    for i, name in enumerate(method.deltas.names):
+        experts = [method.pretrained_params()[name] + method.deltas.delta[i][..., m] for m in range(3)]
+        assert torch.allclose(merged[name], sum(a * e for a, e in zip(alpha, experts)), atol=1e-5)
+
+
+def test_distillation_is_hinton_kl_teacher_to_student():
+    torch.manual_seed(3)
+    student, teacher = torch.randn(6, 5), torch.randn(6, 5)
+    p_t, p_s = torch.softmax(teacher / 2, -1), torch.softmax(student / 2, -1)
+    expected = 4 * (p_t * (p_t.log() - p_s.log())).sum(-1).mean()
+    assert torch.isclose(distillation_loss(student, teacher, 2.0), expected, atol=1e-6)
+
+
+def test_dense_teacher_sends_no_gradient_into_the_student(backbone):
+    smat = create_method("smat", backbone=backbone, num_experts=2)
+    task = random_task()
+    _, alpha = smat.routing(task.support_x, task.support_y, task.ways)
+    params = smat.merged_params(alpha, training=True)
+    head = torch.randn(task.ways, backbone.num_features, requires_grad=True)
+    teacher = smat._teacher_logits(params, head, task.query_x, task.query_y)
+    assert not teacher.requires_grad
+    kd = distillation_loss(torch.zeros_like(teacher, requires_grad=True), teacher, 2.0)
+    assert torch.autograd.grad(kd, [smat.deltas.delta[0]], allow_unused=True) == (None,)
+
+
+def test_teacher_takes_k_sgd_steps_on_the_query_loss(backbone):
+    smat = create_method("smat", backbone=backbone, num_experts=2, teacher_steps=3, teacher_lr=1e-4)
+    task = random_task(seed=4)
+    params = {n: p.detach() for n, p in backbone.named_parameters()}
+    head = torch.randn(task.ways, backbone.num_features)
+    before = torch.nn.functional.cross_entropy(
+        smat._teacher_logits(params, head, task.query_x, task.query_y), task.query_y)
+    smat.teacher_steps = 0
+    untouched = torch.nn.functional.cross_entropy(
+        smat._teacher_logits(params, head, task.query_x, task.query_y), task.query_y)
+    assert before < untouched
+
+
+def test_lagrange_multiplier_grows_while_violated_and_resets_once_met(backbone):
+    smat = create_method("smat", backbone=backbone, num_experts=2, target_sparsity=0.5, lagrangian_lr=2.0)
+    with torch.no_grad():
+        smat.masks.log_alpha[0].zero_()
+        smat.masks.log_alpha[0][..., 1] = -20.0  # expert 1 all off: sparsity 1 >= τ
+        for la in smat.masks.log_alpha[1:]:
+            la[..., 0] = 5.0
+            la[..., 1] = -20.0
+    smat.lagrange_multipliers.copy_(torch.tensor([0.3, 0.7]))
+    metrics = [{"alpha_0": 0.6, "alpha_1": 0.4}, {"alpha_0": 0.2, "alpha_1": 0.8}]
+    sparsity = smat.masks.expected_sparsity()
+    assert sparsity[0] < 0.5 <= sparsity[1]
+    smat.before_step([], metrics)
+    expected_0 = 0.3 + 2.0 * 0.4 * (0.5 - float(sparsity[0]))
+    assert torch.allclose(smat.lagrange_multipliers, torch.tensor([expected_0, 0.0]), atol=1e-6)
+
+
+def test_sparsity_penalty_pushes_gates_down_only_for_penalised_experts(backbone):
+    smat = create_method("smat", backbone=backbone, num_experts=2, dense_teacher=False)
+    smat.lagrange_multipliers.copy_(torch.tensor([1.0, 0.0]))
+    smat.configure_training(10)
+    loss, _ = smat.task_loss(random_task())
+    grads = torch.autograd.grad(loss, [smat.masks.log_alpha[0]])[0]
+    penalty_only = torch.autograd.grad(smat.masks.nonzero_probability_sums()[0], [smat.masks.log_alpha[0]])[0]
+    assert torch.all(penalty_only[..., 0] > 0) and torch.all(grads[..., 0] != 0)
+
+
+def test_variants_switch_the_documented_components(backbone):
+    mlp = create_method("smat", backbone=backbone, variant="mlp_experts")
+    assert mlp.masks is None and not mlp.deltas.shared
+    assert all(".mlp.fc" in n for n in mlp.deltas.names)
+    assert create_method("smat", backbone=create_backbone(MINI_BACKBONE, pretrained=False), variant="no_dense_teacher").dense_teacher is False
+    with pytest.raises(ValueError, match="choose one of default"):
+        create_method("smat", backbone=backbone, variant="no_such_row")
+
+
+@pytest.mark.parametrize("name", ["smat", "softmerge"])
+def test_model_starts_exactly_at_the_pretrained_backbone(backbone, name):
+    method = create_method(name, backbone=backbone)
+    task = random_task()
+    merged = method.task_model(task.support_x, task.support_y, task.ways)
+    pre = create_method("pre", backbone=backbone).task_model(task.support_x, task.support_y, task.ways)
+    assert torch.allclose(merged.logits(task.query_x), pre.logits(task.query_x), atol=1e-5)
