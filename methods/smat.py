@@ -177,6 +177,7 @@ class SMAT(Method):
             kd = distillation_loss(student, teacher, self.kd_temperature)
             loss = self.ce_weight * ce + (1 - self.ce_weight) * kd
             metrics.update(kd=float(kd.detach()), teacher_acc=query_metrics(teacher, query_y)["query_acc"])
+        metrics["loss"] = float(loss.detach())  # the objective; the penalties below are logged apart
         loss = loss + self.routing_logit_l2 * routing_logits.pow(2).mean()
         if self.masks is not None:
             slack = self.masks.nonzero_probability_sums() - (1 - self.target_sparsity) * self.masks.numel

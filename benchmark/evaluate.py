@@ -1,0 +1,138 @@
+"""Meta-testing: every test source of a benchmark, with each adapter, on the benchmark's fixed test episodes.
+
+For each (source, adapter):
+
+1. **Learning rate.** Adapters that fine-tune (``full``, ``lora``, ``full_joint``) pick their lr from
+   a grid (default SMAT's {0, 1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1}) by mean query accuracy on
+   ``search_episodes`` labelled validation episodes: the source's VALID split (seed = the
+   benchmark's) where it has one, else TEST-split episodes of a separate seed stream
+   (benchmark seed + `SEARCH_SEED_OFFSET`), whose identities never coincide with an evaluated
+   episode. Ties keep the smaller lr. The choice is kept in ``RUN_DIR/lr_search.json`` and its value
+   and basis are written into every row.
+2. **Episodes** ``0 .. n−1`` of the TEST split (n = the benchmark's ``test_episodes``) — the same
+   episodes for every method — skipping those already in ``episodes.jsonl`` (resume).
+3. **A row per episode** (contract C3) as soon as it finishes, with the wall seconds of adaptation
+   plus prediction and the peak GPU memory (null on CPU).
+"""
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from benchmark.episodes import episode_loader
+from benchmark.results import mean_ci, row_key
+from methods.adapters import get_adapter, searches_lr, seeded_generator
+from methods.base import Task
+from registry.dataset_spec import Split
+
+__all__ = ["evaluate", "choose_lr", "DEFAULT_LR_GRID", "SEARCH_SEED_OFFSET"]
+
+DEFAULT_LR_GRID = (0.0, 1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
+SEARCH_SEED_OFFSET = 1_000_003  # seed of the lr-search stream of test-only sources, relative to the benchmark seed
+
+
+def _accuracy(predictions, labels):
+    return float((predictions.cpu() == labels.cpu()).float().mean())
+
+
+def adapt_and_score(method, adapter, episode, lr, device):
+    """(accuracy, seconds, peak MiB or None) of one adapted episode; randomness seeded by its identity."""
+    task = Task.from_episode(episode, device)
+    cuda = torch.device(device).type == "cuda"
+    if cuda:
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+    start = time.perf_counter()
+    predictions = adapter(method, task, lr, seeded_generator(*vars(episode.id).values(), adapter.__name__))
+    if cuda:
+        torch.cuda.synchronize(device)
+    seconds = time.perf_counter() - start
+    peak = torch.cuda.max_memory_allocated(device) / 2**20 if cuda else None
+    return _accuracy(predictions, task.query_y), seconds, peak
+
+
+def search_basis(data, source, search_episodes):
+    """(split, seed, description) of the lr-search episodes of ``source``."""
+    bench, declared = data.benchmark, data.source(source).source
+    if declared.classes["valid"] >= data.benchmark.config_for(Split.VALID).min_ways:
+        split, seed = Split.VALID, bench.seed
+    else:
+        split, seed = Split.TEST, bench.seed + SEARCH_SEED_OFFSET
+    return split, seed, f"{split.value.lower()} split, seed {seed}, episodes 0-{search_episodes - 1}"
+
+
+def choose_lr(method, adapter_name, data, source, grid, search_episodes, device, cache_file=None):
+    """(lr, basis) for ``adapter_name`` on ``source``: the grid value with the best mean validation accuracy."""
+    if not searches_lr(adapter_name):
+        return None, "no learning rate"
+    key = f"{adapter_name}/{source}"
+    cache = json.loads(Path(cache_file).read_text()) if cache_file and Path(cache_file).exists() else {}
+    if key in cache:
+        return cache[key]["lr"], cache[key]["basis"]
+    split, seed, basis = search_basis(data, source, search_episodes)
+    episodes = data.eval_episodes(source, split, seed=seed, num_episodes=search_episodes)
+    adapter = get_adapter(adapter_name, method)
+    best_lr, best_acc, scores = None, -1.0, {}
+    for lr in grid:
+        accs = [adapt_and_score(method, adapter, episodes[i], lr, device)[0] for i in range(search_episodes)]
+        scores[str(lr)] = sum(accs) / len(accs)
+        if scores[str(lr)] > best_acc:
+            best_lr, best_acc = lr, scores[str(lr)]
+    basis = f"grid search on {basis}"
+    if cache_file:
+        cache[key] = {"lr": best_lr, "basis": basis, "accuracy_by_lr": scores}
+        tmp = Path(f"{cache_file}.tmp")
+        tmp.write_text(json.dumps(cache, indent=1, sort_keys=True))
+        os.replace(tmp, cache_file)
+    return best_lr, basis
+
+
+def evaluate(method, data, adapters, store, run_info, device="cpu", lr_grid=DEFAULT_LR_GRID, search_episodes=5,
+             num_episodes=None, workers=0, lr_cache=None, progress=True):
+    """Meta-test ``method`` on every test source of ``data`` with each adapter; rows go to ``store``.
+
+    Args:
+        method: a `methods.Method`.
+        data: a `benchmark.episodes.BenchmarkData`.
+        adapters: adapter names (`methods.adapters.ADAPTERS`).
+        store: a `benchmark.results.ResultsStore`; episodes whose rows are there are skipped.
+        run_info: the run's fields of every row (run_id, method, variant, backbone, config_hash, ...).
+        num_episodes: test episodes per source (default: the benchmark's).
+        workers: DataLoader processes decoding episodes.
+        lr_cache: ``lr_search.json`` path that keeps lr choices across a resume.
+
+    Returns:
+        {(adapter, source): (mean accuracy, 95% CI half-width, episodes)} over the store's rows.
+    """
+    method.eval()
+    bench = data.benchmark
+    for adapter_name in adapters:
+        get_adapter(adapter_name, method)  # fail before any work on an adapter that does not apply
+    summary = {}
+    for source in bench.test_sources:
+        episodes = data.eval_episodes(source.name, Split.TEST, num_episodes=num_episodes)
+        for adapter_name in adapters:
+            adapter = get_adapter(adapter_name, method)
+            lr, basis = choose_lr(method, adapter_name, data, source.name, lr_grid, search_episodes, device, lr_cache)
+            todo = [i for i in range(len(episodes)) if row_key(
+                dict(adaptation=adapter_name, source=source.name, split="test", seed=episodes.seed, episode=i)) not in store]
+            loader = episode_loader(torch.utils.data.Subset(episodes, todo), workers)
+            bar = tqdm(loader, total=len(todo), desc=f"{source.name} {adapter_name}", file=sys.stderr,
+                       disable=not progress, leave=False)
+            for episode in bar:
+                accuracy, seconds, peak = adapt_and_score(method, adapter, episode, lr, device)
+                store.append({
+                    **run_info, "adaptation": adapter_name, "benchmark": bench.name, "source": source.name,
+                    "role": source.role, "split": "test", "seed": episode.id.seed, "episode": episode.id.episode,
+                    "ways": episode.ways, "support": len(episode.support_labels), "query": len(episode.query_labels),
+                    "accuracy": accuracy, "seconds": seconds, "peak_memory_mib": peak, "lr": lr, "lr_basis": basis,
+                })
+            accs = [r["accuracy"] for r in store.rows if r["source"] == source.name and r["adaptation"] == adapter_name]
+            summary[(adapter_name, source.name)] = (*mean_ci(accs), len(accs))
+    return summary
+

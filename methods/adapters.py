@@ -1,0 +1,256 @@
+"""Meta-test adapters: how a method's task model is adapted to a test task before predicting its queries.
+
+Every adapter is ``adapter(method, task, lr, generator) -> query predictions`` and starts from the
+method's task model for that task, so nothing carries over between episodes:
+
+* ``protonet``: no adaptation; cosine ProtoNet on the task model's features.
+* ``full`` (paper Alg. 3, the PMF protocol, ``baselines.md`` §1.5): Adam (betas 0.9/0.999, no weight
+  decay) on every backbone tensor of θ_i for ``steps`` steps. Each step: prototypes of the clean
+  support (with gradient), logits of the augmented support against them, cross-entropy. The clean
+  and augmented supports go through the network in one batch. lr 0 is ``protonet``.
+* ``lora``: LoRA (rank 8, alpha 32, dropout 0.1 — inactive, the backbone runs in eval mode) on the
+  query and value projections of every block, through ``peft``, with the same protocol on the LoRA
+  parameters only. timm fuses q, k and v into one ``attn.qkv`` Linear; `split_qkv` replaces it by
+  three Linears holding the row blocks [q; k; v] of its weight and bias, whose outputs are
+  concatenated — the same function — so that peft can target ``q`` and ``v`` alone.
+* ``gradient_free`` (SMAT, paper Alg. 2): binary expert selection by forward passes only. Start from
+  α' = round(σ(ℓ/T)); for R rounds and each expert m, flip α'_m, renormalise, and score the support
+  cross-entropy; a candidate that lowers the current loss is accepted with probability ρ, one that
+  does not with probability 1 − ρ; return the α' of the lowest loss seen. The paper leaves R and ρ
+  open: R = 6 rounds × M = 8 experts + the start = 49 evaluations ≈ the 50 of Table 5, ρ = 0.9.
+* ``full_joint`` (SMAT, Table 4 column 4): fine-tune the hypernetwork, δ and the mask logits jointly on
+  the support set (same loss and optimiser as ``full``), θ_pre frozen.
+
+Support augmentation (PMF's DiffAugment, on normalised tensors): with probability 0.9 per step, flip
+the whole batch horizontally with probability 0.5, then per image brightness + U(−0.5, 0.5),
+saturation × U(0, 2) about the per-pixel channel mean, contrast × U(0.5, 1.5) about the image mean, and
+an integer translation of up to 1/8 of the side with zero padding. Its randomness comes from the
+episode's generator, so an adapted episode is reproducible.
+"""
+
+import copy
+import hashlib
+
+import gin
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from methods.base import autocast, cosine_logits, forward_features, prototypes
+
+__all__ = ["ADAPTERS", "get_adapter", "augment_support", "split_qkv", "searches_lr", "seeded_generator"]
+
+
+def augment_support(x, generator, probability=0.9):
+    """PMF's DiffAugment (colour + translation, batch flip) of a ``N×3×H×W`` batch; see the module docstring."""
+    if torch.rand((), generator=generator) >= probability:
+        return x
+    n = x.shape[0]
+    draw = lambda *shape: torch.rand(*shape, generator=generator).to(x.device, x.dtype)  # noqa: E731
+    if draw(()) < 0.5:
+        x = x.flip(-1)
+    x = x + (draw(n, 1, 1, 1) - 0.5)
+    mean = x.mean(1, keepdim=True)
+    x = (x - mean) * (draw(n, 1, 1, 1) * 2) + mean
+    mean = x.mean((1, 2, 3), keepdim=True)
+    x = (x - mean) * (draw(n, 1, 1, 1) + 0.5) + mean
+    h, w = x.shape[-2:]
+    shift_h, shift_w = int(h * 0.125 + 0.5), int(w * 0.125 + 0.5)
+    dy = torch.randint(-shift_h, shift_h + 1, (n,), generator=generator).tolist()
+    dx = torch.randint(-shift_w, shift_w + 1, (n,), generator=generator).tolist()
+    padded = F.pad(x, (shift_w, shift_w, shift_h, shift_h))
+    return torch.stack([padded[i, :, shift_h - dy[i]: shift_h - dy[i] + h, shift_w - dx[i]: shift_w - dx[i] + w]
+                        for i in range(n)])
+
+
+def _finetune(parameters, loss_of, lr, steps):
+    """``steps`` Adam steps on ``parameters`` minimising ``loss_of(step)``."""
+    optimizer = torch.optim.Adam(parameters, lr=lr, betas=(0.9, 0.999), weight_decay=0.0)
+    for step in range(steps):
+        optimizer.zero_grad(set_to_none=True)
+        loss_of(step).backward()
+        optimizer.step()
+
+
+def _support_loss(features_of, task, generator, scale, bias):
+    """Loss of one fine-tuning step: augmented support against prototypes of the clean support."""
+    n = len(task.support_x)
+    features = features_of(torch.cat([task.support_x, augment_support(task.support_x, generator)]))
+    head = prototypes(features[:n], task.support_y, task.ways)
+    return F.cross_entropy(cosine_logits(features[n:], head, scale, bias), task.support_y)
+
+
+def _predict(features_of, task, scale, bias):
+    with torch.no_grad():
+        head = prototypes(features_of(task.support_x), task.support_y, task.ways)
+        return cosine_logits(features_of(task.query_x), head, scale, bias).argmax(-1)
+
+
+def protonet(method, task, lr, generator):
+    """No adaptation: the task model's ProtoNet predictions."""
+    return method.task_model(task.support_x, task.support_y, task.ways).predict(task.query_x)
+
+
+@gin.configurable("full", module="methods")
+def full(method, task, lr, generator, steps=50):
+    """Fine-tune every tensor of θ_i for ``steps`` Adam steps on the (augmented) support set."""
+    model = method.task_model(task.support_x, task.support_y, task.ways)
+    if lr == 0 or steps == 0:
+        return model.predict(task.query_x)
+    params = {n: p.detach().clone().requires_grad_() for n, p in model.params.items()}
+
+    def features_of(x):
+        with autocast(task.support_x.device):
+            return forward_features(method.backbone, params, x)
+
+    _finetune(list(params.values()), lambda _: _support_loss(features_of, task, generator, model.scale, model.bias),
+              lr, steps)
+    return _predict(features_of, task, model.scale, model.bias)
+
+
+class _SplitQKV(nn.Module):
+    """timm's fused ``qkv`` Linear as three Linears ``q``, ``k``, ``v``; forward concatenates them (same output)."""
+
+    def __init__(self, fused):
+        super().__init__()
+        dim = fused.out_features // 3
+        for i, name in enumerate("qkv"):
+            part = nn.Linear(fused.in_features, dim, bias=fused.bias is not None,
+                             device=fused.weight.device, dtype=fused.weight.dtype)
+            part.weight.data.copy_(fused.weight.data[i * dim:(i + 1) * dim])
+            if fused.bias is not None:
+                part.bias.data.copy_(fused.bias.data[i * dim:(i + 1) * dim])
+            setattr(self, name, part)
+
+    def forward(self, x):
+        return torch.cat([self.q(x), self.k(x), self.v(x)], dim=-1)
+
+
+def split_qkv(model):
+    """Replace every ``attn.qkv`` of a timm ViT, in place, by `_SplitQKV`; returns ``model``."""
+    for block in model.blocks:
+        block.attn.qkv = _SplitQKV(block.attn.qkv)
+    return model
+
+
+@gin.configurable("lora", module="methods")
+def lora(method, task, lr, generator, steps=50, rank=8, alpha=32, dropout=0.1):
+    """LoRA on the q and v projections of θ_i (peft), fine-tuned like ``full`` on its own parameters."""
+    from peft import LoraConfig, inject_adapter_in_model
+
+    model = method.task_model(task.support_x, task.support_y, task.ways)
+    if lr == 0 or steps == 0:
+        return model.predict(task.query_x)
+    backbone = copy.deepcopy(method.backbone)
+    with torch.no_grad():
+        for name, p in backbone.named_parameters():
+            p.copy_(model.params[name])
+    backbone.requires_grad_(False)
+    split_qkv(backbone)
+    config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, bias="none",
+                        target_modules=r".*attn\.qkv\.(q|v)")
+    backbone = inject_adapter_in_model(config, backbone).eval()
+    lora_params = [p for n, p in backbone.named_parameters() if "lora_" in n]
+    for p in lora_params:
+        p.requires_grad_(True)
+
+    def features_of(x):
+        with autocast(task.support_x.device):
+            return backbone(x).float()
+
+    _finetune(lora_params, lambda _: _support_loss(features_of, task, generator, model.scale, model.bias), lr, steps)
+    return _predict(features_of, task, model.scale, model.bias)
+
+
+@gin.configurable("gradient_free", module="methods")
+def gradient_free(method, task, lr, generator, rounds=6, accept_probability=0.9):
+    """SMAT's Alg. 2: binary expert selection by support loss, forward passes only (lr is unused)."""
+    method.eval()
+    with torch.no_grad():
+        logits, _ = method.routing(task.support_x, task.support_y, task.ways)
+        selection = (torch.sigmoid(logits / method.temperature()) > 0.5).float()
+        if selection.sum() == 0:
+            selection[logits.argmax()] = 1.0
+        gates = method.masks.sample(training=False) if method.masks is not None else None
+
+        def params_of(binary):
+            return method.deltas.merge(method.pretrained_params(), binary / binary.sum(), gates)
+
+        def support_loss(binary):
+            with autocast(task.support_x.device):
+                features = forward_features(method.backbone, params_of(binary), task.support_x)
+            head = prototypes(features, task.support_y, task.ways)
+            return float(F.cross_entropy(cosine_logits(features, head), task.support_y))
+
+        current_loss = best_loss = support_loss(selection)
+        best = selection.clone()
+        for _ in range(rounds):
+            for m in range(len(selection)):
+                candidate = selection.clone()
+                candidate[m] = 1.0 - candidate[m]
+                if candidate.sum() == 0:
+                    continue
+                loss = support_loss(candidate)
+                improves = loss < current_loss
+                u = float(torch.rand((), generator=generator))
+                if u < (accept_probability if improves else 1.0 - accept_probability):
+                    selection, current_loss = candidate, loss
+                if loss < best_loss:
+                    best, best_loss = candidate.clone(), loss
+        params = params_of(best)
+        with autocast(task.support_x.device):
+            head = prototypes(forward_features(method.backbone, params, task.support_x), task.support_y, task.ways)
+            query = forward_features(method.backbone, params, task.query_x)
+        return cosine_logits(query, head).argmax(-1)
+
+
+@gin.configurable("full_joint", module="methods")
+def full_joint(method, task, lr, generator, steps=50):
+    """Fine-tune SMAT's hypernetwork, δ and mask logits jointly on the support set (θ_pre frozen)."""
+    if lr == 0 or steps == 0:
+        return protonet(method, task, lr, generator)
+    adapted = copy.deepcopy(method, memo={id(method.backbone): method.backbone})  # θ_pre is shared, not copied
+    adapted.eval()
+
+    def params():
+        _, alpha = adapted.routing(task.support_x, task.support_y, task.ways)
+        return adapted.merged_params(alpha, training=False)
+
+    def features_of(x, theta=None):
+        with autocast(task.support_x.device):
+            return forward_features(adapted.backbone, theta if theta is not None else params(), x)
+
+    trainable = [p for name, p in adapted.named_parameters() if not name.startswith("backbone.")]
+    _finetune(trainable, lambda _: _support_loss(features_of, task, generator, 10.0, 0.0), lr, steps)
+    with torch.no_grad():
+        theta = params()
+        return _predict(lambda x: features_of(x, theta), task, 10.0, 0.0)
+
+
+ADAPTERS = {"protonet": protonet, "full": full, "lora": lora, "gradient_free": gradient_free, "full_joint": full_joint}
+_SEARCHES_LR = {"full", "lora", "full_joint"}
+_SMAT_ONLY = {"gradient_free", "full_joint"}
+
+
+def searches_lr(name):
+    """Whether adapter ``name`` has a learning rate to choose on validation episodes."""
+    return name in _SEARCHES_LR
+
+
+def get_adapter(name, method=None):
+    """The adapter called ``name``; with ``method``, also check that it applies to that method.
+
+    Raises:
+        ValueError: unknown adapter, or an expert-selection adapter for a method without experts.
+    """
+    if name not in ADAPTERS:
+        raise ValueError(f"unknown adapter {name!r}; choose from {', '.join(ADAPTERS)}")
+    if method is not None and name in _SMAT_ONLY and not hasattr(method, "masks"):
+        raise ValueError(f"adapter {name!r} needs SMAT's experts; method {method.name!r} has none")
+    return ADAPTERS[name]
+
+
+def seeded_generator(*key):
+    """A CPU ``torch.Generator`` seeded from ``key`` (e.g. an episode identity), for reproducible adaptation."""
+    digest = hashlib.sha256("/".join(map(str, key)).encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") % (2**63))
