@@ -282,13 +282,19 @@ class TrainEpisodes(torch.utils.data.Dataset):
 
 
 def episode_loader(episodes, num_workers=0):
-    """A ``DataLoader`` yielding `Episode` objects in index order, decoded by ``num_workers`` processes."""
+    """A ``DataLoader`` yielding `Episode` objects in index order, decoded by ``num_workers`` processes.
+
+    Episodes are pure functions of their identity, so the loader needs no randomness: it gets a
+    generator of its own, and starting an iteration never draws from the global torch RNG (which
+    would shift the random stream of a resumed training run).
+    """
     return torch.utils.data.DataLoader(
         episodes,
         batch_size=None,
         shuffle=False,
         num_workers=num_workers,
         collate_fn=_as_is,
+        generator=torch.Generator(),
     )
 
 

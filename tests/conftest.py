@@ -80,9 +80,33 @@ def write_source(tmp_path):
     return write
 
 
-@pytest.fixture(scope="session")
-def mini_root(tmp_path_factory):
-    """The embedded mini benchmark, generated once per test session into a temporary cache."""
-    from registry.mini import generate
+@pytest.fixture(scope="session", autouse=True)
+def bench_cache(tmp_path_factory):
+    """A private SMAT_BENCH_CACHE for the whole session (and its subprocesses): tests never touch ~/.cache."""
+    import os
 
-    return generate(tmp_path_factory.mktemp("cache") / "mini")
+    path = tmp_path_factory.mktemp("smat-bench-cache")
+    previous = os.environ.get("SMAT_BENCH_CACHE")
+    os.environ["SMAT_BENCH_CACHE"] = str(path)
+    yield path
+    if previous is None:
+        os.environ.pop("SMAT_BENCH_CACHE", None)
+    else:
+        os.environ["SMAT_BENCH_CACHE"] = previous
+
+
+@pytest.fixture(scope="session")
+def mini_root(bench_cache):
+    """The embedded mini benchmark, generated once per test session into the session cache."""
+    from registry.mini import ensure_mini
+
+    return ensure_mini()
+
+
+@pytest.fixture(autouse=True)
+def fresh_gin_config():
+    """Gin bindings are process-global: a run parsed in one test must not configure the next test's methods."""
+    import gin
+
+    yield
+    gin.clear_config()

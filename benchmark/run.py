@@ -1,0 +1,371 @@
+"""``python -m benchmark.run``: meta-train, select on validation episodes, meta-test, record (contract C2).
+
+    python -m benchmark.run --gin FILE [--gin FILE ...] [--bind 'name.param = value' ...] [--out RUN_DIR]
+           [--stage train|eval|all] [--checkpoint PATH] [--adapt ADAPTER[,ADAPTER...]] [--smoke]
+
+Configuration is gin: the files, then the bindings, then the locked config. With no benchmark bound
+(``run.benchmark``), ``benchmark/setups/md_mini.gin`` is read first and the embedded mini benchmark
+runs. After the method, the benchmark and the backbone are built, the operative config is written
+to ``RUN_DIR/config.gin``; its SHA-256 is the run's ``config_hash`` and names the default run
+directory. The same command on an existing run directory resumes it (training from the last
+checkpoint, evaluation from the first missing episode); a run directory made with another operative
+config is refused.
+
+A run directory holds ``config.gin``, ``metrics.jsonl`` (one line per meta-update and per validation),
+``checkpoints/last.pt`` (everything needed to continue) and ``checkpoints/best.pt`` (the weights with
+the best mean validation accuracy), ``lr_search.json`` and ``episodes.jsonl`` (contract C3).
+"""
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import gin
+import torch
+from tqdm import tqdm
+
+import methods
+from benchmark.episodes import BenchmarkData, episode_loader
+from benchmark.config import RunConfig
+from benchmark.evaluate import evaluate
+from benchmark.pretrain import pretrained_weights
+from benchmark.results import ResultsStore
+from methods import Task, create_backbone, create_method
+from methods.adapters import ADAPTERS
+from registry.catalog import get_benchmark
+from registry.errors import DataError, exit_on_error
+
+__all__ = ["main", "execute"]
+
+PROG = "python -m benchmark.run"
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+MINI_SETUP = "benchmark/setups/md_mini.gin"
+CHECKPOINT_FORMAT = 1
+
+
+SMOKE = dict(train_steps=2, valid_episodes=1, test_episodes=2, search_episodes=1, lr_grid=(0.0, 1e-3))
+
+
+# --- configuration ----------------------------------------------------------------------------------
+
+
+def _resolve_gin_file(path):
+    for candidate in (Path(path), PROJECT_ROOT / path):
+        if candidate.is_file():
+            return str(candidate)
+    raise DataError(f"gin file {path}: not found (looked in . and {PROJECT_ROOT}); e.g. --gin methods/smat.gin")
+
+
+def parse_config(gin_files, bindings):
+    """Parse ``gin_files`` then ``bindings``; return the `RunConfig`.
+
+    When they bind no ``run.benchmark``, the mini setup is parsed first and the run says so.
+    """
+    files = [_resolve_gin_file(f) for f in gin_files]
+    gin.add_config_file_search_path(str(PROJECT_ROOT))
+    for attempt in ("as given", "with the mini setup"):
+        gin.clear_config()
+        try:
+            gin.parse_config_files_and_bindings(files, bindings, finalize_config=False)
+        except (ValueError, KeyError, TypeError, ImportError, SyntaxError) as err:
+            raise DataError(f"gin: {' '.join(str(err).split())}; check the --gin files and --bind values") from None
+        try:
+            bound = gin.query_parameter("run.benchmark")
+        except ValueError:
+            bound = None
+        if bound is not None or attempt != "as given":
+            break
+        print(f"no benchmark bound (run.benchmark): running the embedded mini benchmark md_mini ({MINI_SETUP})",
+              file=sys.stderr)
+        files = [_resolve_gin_file(MINI_SETUP)] + files
+    gin.finalize()
+    try:
+        return RunConfig()
+    except (ValueError, TypeError) as err:
+        raise DataError(f"gin: {' '.join(str(err).split())}") from None
+
+
+def code_version():
+    """The git commit of the code (``+dirty`` with uncommitted changes), or the package version outside git."""
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=PROJECT_ROOT, capture_output=True, text=True,
+                                check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=PROJECT_ROOT,
+                               capture_output=True, text=True, check=True).stdout.strip()
+        return commit + ("+dirty" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        from importlib.metadata import version
+
+        return f"smat-bench {version('smat-bench')}"
+
+
+# --- building the run --------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Run:
+    """A configured run: its config, data, method and directory."""
+
+    config: RunConfig
+    data: BenchmarkData
+    method: methods.Method
+    directory: Path
+    config_text: str
+    config_hash: str
+    device: torch.device
+
+    @property
+    def variant(self):
+        return getattr(self.method, "variant", "default")
+
+    @property
+    def run_id(self):
+        return f"{self.config.method}-{self.variant}-{self.data.benchmark.name}-{self.config_hash[:10]}"
+
+    def row_info(self):
+        return dict(run_id=self.run_id, method=self.config.method, variant=self.variant, backbone=self.config.backbone,
+                    config_hash=self.config_hash, code_version=code_version(), smoke=self.config.smoke,
+                    device=_device_name(self.device))
+
+
+def _device_name(device):
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+
+
+def build(config, out=None):
+    """Data, backbone, method, operative config and run directory of ``config``."""
+    if config.method not in methods.list_methods():
+        methods.method_class(config.method)  # raises with the close matches
+    benchmark = get_benchmark(config.benchmark or "md_mini")
+    data = BenchmarkData(benchmark, config.records_root)
+    device = torch.device("cuda" if config.device == "auto" and torch.cuda.is_available() else
+                          "cpu" if config.device == "auto" else config.device)
+    weights = config.weights_file
+    if weights is None and config.pretrain_steps > 0:
+        weights = pretrained_weights(data, config.backbone, config.pretrain_steps)
+    torch.manual_seed(config.seed)
+    backbone = create_backbone(config.backbone, pretrained=True, weights_file=weights)
+    method = create_method(config.method, backbone=backbone).to(device)
+    text = gin.operative_config_str()
+    digest = hashlib.sha256(text.encode()).hexdigest()
+    directory = Path(out) if out else Path("runs") / f"{config.method}-{benchmark.name}-{digest[:10]}"
+    return Run(config, data, method, directory, text, digest, device)
+
+
+def claim_directory(run):
+    """Create the run directory, or check that an existing one was made by the same operative config."""
+    config_file = run.directory / "config.gin"
+    if config_file.exists():
+        if config_file.read_text() != run.config_text:
+            raise DataError(
+                f"{run.directory} holds a run with another operative config ({config_file}); choose another --out "
+                "or use the same --gin files and --bind values to resume it"
+            )
+        return
+    run.directory.mkdir(parents=True, exist_ok=True)
+    tmp = config_file.with_name(".config.gin.tmp")
+    tmp.write_text(run.config_text)
+    os.replace(tmp, config_file)
+
+
+# --- checkpoints ---------------------------------------------------------------------------------------
+
+
+def save_checkpoint(path, run, step, best_valid, with_training_state=True):
+    """Atomically write the method and (optionally) everything needed to continue training."""
+    state = dict(format=CHECKPOINT_FORMAT, method=run.config.method, variant=run.variant, config_hash=run.config_hash,
+                 step=step, best_valid=best_valid, model=run.method.state_dict())
+    if with_training_state:
+        state.update(training=run.method.training_state(), torch_rng=torch.get_rng_state(),
+                     cuda_rng=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path, run):
+    """The checkpoint at ``path`` (``weights_only``), checked to belong to this run's method."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise DataError(f"--checkpoint {path}: no such file") from None
+    except Exception as err:  # noqa: BLE001 - a corrupt or foreign file: one clear message
+        raise DataError(f"{path}: not a smat-bench checkpoint ({type(err).__name__}: {err})") from None
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+        raise DataError(f"{path}: not a smat-bench checkpoint (format {CHECKPOINT_FORMAT})")
+    if (state["method"], state["variant"]) != (run.config.method, run.variant):
+        raise DataError(
+            f"{path} is a checkpoint of method {state['method']!r} (variant {state['variant']!r}), "
+            f"but this run is {run.config.method!r} (variant {run.variant!r}); pass the matching --gin files"
+        )
+    try:
+        run.method.load_state_dict(state["model"])
+    except RuntimeError as err:
+        raise DataError(f"{path}: its tensors do not fit this model ({' '.join(str(err).split())[:300]})") from None
+    return state
+
+
+# --- training ----------------------------------------------------------------------------------------
+
+
+class MetricsLog:
+    """``metrics.jsonl``: one JSON line per meta-update or validation; rows past a resumed step are dropped."""
+
+    def __init__(self, path, keep_until_step):
+        self.path = path
+        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+        kept = [r for r in rows if r["step"] <= keep_until_step]
+        if len(kept) != len(rows):
+            tmp = path.with_name(f".{path.name}.tmp")
+            tmp.write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in kept))
+            os.replace(tmp, path)
+
+    def write(self, row):
+        with open(self.path, "a") as f:
+            f.write(json.dumps(row, sort_keys=True) + "\n")
+
+
+def validate(run, episodes_per_source):
+    """Mean ProtoNet accuracy over the fixed VALID episodes of every valid source."""
+    run.method.eval()
+    accs = []
+    for source in run.data.benchmark.valid_sources:
+        episodes = run.data.eval_episodes(source.name, "valid", num_episodes=episodes_per_source)
+        for episode in episode_loader(episodes, run.config.workers):
+            task = Task.from_episode(episode, run.device)
+            predictions = run.method.task_model(task.support_x, task.support_y, task.ways).predict(task.query_x)
+            accs.append(float((predictions == task.query_y).float().mean()))
+    return sum(accs) / len(accs) if accs else float("nan")
+
+
+def train(run):
+    """Meta-train from the last checkpoint (or the start), validating and checkpointing as configured."""
+    config, method = run.config, run.method
+    tasks_per_step = method.tasks_per_step
+    total = SMOKE["train_steps"] if config.smoke else math.ceil(config.train_episodes / tasks_per_step)
+    valid_episodes = SMOKE["valid_episodes"] if config.smoke else run.data.benchmark.valid_episodes
+    last, best = run.directory / "checkpoints" / "last.pt", run.directory / "checkpoints" / "best.pt"
+    method.configure_training(total)
+    step, best_valid = 0, -1.0
+    if last.exists():
+        state = load_checkpoint(last, run)
+        method.load_training_state(state["training"])
+        torch.set_rng_state(state["torch_rng"])
+        if state["cuda_rng"]:
+            torch.cuda.set_rng_state_all(state["cuda_rng"])
+        step, best_valid = state["step"], state["best_valid"]
+        print(f"resuming {run.directory} at meta-update {step}/{total}", file=sys.stderr)
+    log = MetricsLog(run.directory / "metrics.jsonl", step)
+    if step >= total:
+        return best if best.exists() else last
+    stream = run.data.train_episodes(config.seed, (total - step) * tasks_per_step, start=step * tasks_per_step)
+    batch = []
+    bar = tqdm(total=total, initial=step, desc=f"meta-training {config.method}", file=sys.stderr, mininterval=5)
+    for episode in episode_loader(stream, config.workers):
+        batch.append(Task.from_episode(episode, run.device))
+        if len(batch) < tasks_per_step:
+            continue
+        started = time.perf_counter()
+        metrics = method.meta_train_step(batch)
+        batch, step = [], step + 1
+        log.write(dict(step=step, kind="train", seconds=time.perf_counter() - started, **metrics))
+        bar.update(1)
+        bar.set_postfix(loss=f"{metrics['loss']:.3f}", acc=f"{metrics['query_acc']:.2f}")
+        if step % config.valid_every == 0 or step == total:
+            accuracy = validate(run, valid_episodes)
+            log.write(dict(step=step, kind="valid", accuracy=accuracy))
+            if accuracy > best_valid:
+                best_valid = accuracy
+                save_checkpoint(best, run, step, best_valid, with_training_state=False)
+        if step % config.checkpoint_every == 0 or step == total:
+            save_checkpoint(last, run, step, best_valid)
+    bar.close()
+    return best if best.exists() else last
+
+
+# --- the command --------------------------------------------------------------------------------------
+
+
+def execute(args):
+    """What ``python -m benchmark.run`` does with parsed arguments; returns the run directory."""
+    bindings = list(args.bind)
+    if args.smoke:
+        bindings.append("run.smoke = True")
+    if args.adapt:
+        names = [a.strip() for a in args.adapt.split(",") if a.strip()]
+        unknown = [a for a in names if a not in ADAPTERS]
+        if unknown:
+            raise DataError(f"--adapt {','.join(unknown)}: unknown adapter; choose from {', '.join(ADAPTERS)}")
+        bindings.append(f"run.adapters = {tuple(names)!r}")
+    config = parse_config(args.gin, bindings)
+    job = build(config, args.out)
+    claim_directory(job)
+    print(f"run {job.run_id} in {job.directory} on {_device_name(job.device)}", file=sys.stderr)
+    checkpoint = Path(args.checkpoint) if args.checkpoint else None
+    if args.stage in ("train", "all") and checkpoint is None and job.method.trains:
+        checkpoint = train(job)
+    if args.stage in ("eval", "all"):
+        if checkpoint is not None:
+            load_checkpoint(checkpoint, job)
+        elif job.method.trains:
+            best = job.directory / "checkpoints" / "best.pt"
+            if not best.exists():
+                raise DataError(f"{job.directory}: no checkpoint to evaluate; run --stage train first or pass --checkpoint")
+            load_checkpoint(best, job)
+        store = ResultsStore(job.directory / "episodes.jsonl")
+        smoke = config.smoke
+        summary = evaluate(
+            job.method, job.data, config.adapters, store, job.row_info(), device=job.device,
+            lr_grid=SMOKE["lr_grid"] if smoke else config.lr_grid,
+            search_episodes=SMOKE["search_episodes"] if smoke else config.search_episodes,
+            num_episodes=SMOKE["test_episodes"] if smoke else config.test_episodes,
+            workers=config.workers, lr_cache=job.directory / "lr_search.json",
+        )
+        _print_summary(job, summary)
+    return job.directory
+
+
+def _print_summary(job, summary):
+    print(f"\nresults of {job.run_id} ({job.directory / 'episodes.jsonl'}):")
+    by_source = {}
+    for (adapter, source), (mean, ci, n) in summary.items():
+        by_source.setdefault(source, []).append(f"{adapter} {100 * mean:6.2f} ± {100 * ci:5.2f} (n={n})")
+    for source, cells in by_source.items():
+        print(f"  {source:<16} " + "   ".join(cells))
+    for adapter in dict.fromkeys(a for a, _ in summary):
+        for role in ("id", "ood"):
+            means = [m for (a, s), (m, _, _) in summary.items()
+                     if a == adapter and job.data.source(s).source.role == role]
+            if means:
+                print(f"  {role.upper()} avg ({adapter}): {100 * sum(means) / len(means):.2f}")
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
+    parser.add_argument("--gin", action="append", required=True, help="gin file (repeatable), e.g. methods/smat.gin")
+    parser.add_argument("--bind", action="append", default=[], help="gin binding, e.g. 'smat.num_experts = 4'")
+    parser.add_argument("--out", help="run directory (default runs/<method>-<benchmark>-<config hash>)")
+    parser.add_argument("--stage", choices=("train", "eval", "all"), default="all")
+    parser.add_argument("--checkpoint", help="evaluate this checkpoint instead of training")
+    parser.add_argument("--adapt", help=f"meta-test adapters, comma-separated: {', '.join(ADAPTERS)}")
+    parser.add_argument("--smoke", action="store_true", help="a tiny version of the same job to check the wiring")
+    return parser
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    with exit_on_error(PROG):
+        execute(args)
+
+
+if __name__ == "__main__":
+    main()
+

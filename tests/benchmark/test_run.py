@@ -1,0 +1,130 @@
+"""``python -m benchmark.run`` (contract C2): every shipped gin file, run directories, checkpoints, exact resume."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from benchmark.run import main, parse_config
+from registry.errors import DataError
+
+ROOT = Path(__file__).resolve().parents[2]
+METHOD_GINS = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "methods").rglob("*.gin"))
+SETUP_GINS = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "benchmark" / "setups").glob("md_paper*.gin"))
+TIMING = ("seconds", "peak_memory_mib")
+
+
+def rows(run_dir):
+    return [json.loads(line) for line in (Path(run_dir) / "episodes.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize("gin_file", METHOD_GINS)
+def test_every_method_gin_file_runs_as_a_smoke_job_on_the_mini_benchmark(gin_file, tmp_path, mini_root, capsys):
+    main(["--gin", gin_file, "--smoke", "--out", str(tmp_path / "run")])
+    written = rows(tmp_path / "run")
+    assert len(written) == 6 * 2 and all(r["smoke"] is True and r["benchmark"] == "md_mini" for r in written)
+    assert (tmp_path / "run" / "config.gin").read_text().count("run.method") == 1
+    assert "ID avg (protonet)" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("setup", SETUP_GINS)
+@pytest.mark.parametrize("gin_file", METHOD_GINS)
+def test_every_paper_setup_combines_with_every_method(setup, gin_file):
+    config = parse_config([setup, gin_file], [])
+    assert config.benchmark.startswith("md_paper") and config.train_episodes == 50000
+    assert config.backbone.startswith("vit_small_patch16_224.")
+
+
+def test_no_benchmark_bound_runs_the_mini_setup_and_says_so(tmp_path, mini_root, capsys):
+    main(["--gin", "methods/pre.gin", "--smoke", "--out", str(tmp_path / "run")])
+    assert "running the embedded mini benchmark md_mini" in capsys.readouterr().err
+
+
+def test_adapt_overrides_the_gin_adapters(tmp_path, mini_root):
+    main(["--gin", "methods/smat.gin", "--smoke", "--adapt", "protonet,gradient_free", "--out", str(tmp_path / "r")])
+    assert {r["adaptation"] for r in rows(tmp_path / "r")} == {"protonet", "gradient_free"}
+
+
+def test_a_run_directory_is_never_reused_by_another_config(tmp_path, mini_root):
+    main(["--gin", "methods/pre.gin", "--smoke", "--out", str(tmp_path / "run")])
+    before = (tmp_path / "run" / "episodes.jsonl").read_text()
+    with pytest.raises(DataError, match="holds a run with another operative config"):
+        from benchmark.run import build_parser, execute
+
+        execute(build_parser().parse_args(["--gin", "methods/pmf.gin", "--smoke", "--out", str(tmp_path / "run")]))
+    assert (tmp_path / "run" / "episodes.jsonl").read_text() == before
+
+
+def test_a_checkpoint_of_another_method_is_refused(tmp_path, mini_root):
+    main(["--gin", "methods/pmf.gin", "--smoke", "--stage", "train", "--out", str(tmp_path / "pmf")])
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--gin", "methods/softmerge.gin", "--smoke", "--stage", "eval", "--out", str(tmp_path / "sm"),
+              "--checkpoint", str(tmp_path / "pmf" / "checkpoints" / "best.pt")])
+    assert exit_info.value.code == 2
+
+
+def test_checkpoints_load_with_weights_only(tmp_path, mini_root):
+    main(["--gin", "methods/smat.gin", "--smoke", "--stage", "train", "--out", str(tmp_path / "r")])
+    state = torch.load(tmp_path / "r" / "checkpoints" / "last.pt", weights_only=True)
+    assert state["step"] == 2 and "lagrange_multipliers" in state["model"] and len(state["training"]["optimizers"]) == 3
+    assert state["torch_rng"].dtype == torch.uint8
+
+
+def cli(*args, **kwargs):
+    return subprocess.run([sys.executable, "-m", "benchmark.run", *args], cwd=ROOT, capture_output=True, text=True,
+                          **kwargs)
+
+
+def test_bad_input_exits_2_with_one_line(tmp_path, mini_root):
+    for args, message in [
+        (["--gin", "methods/nope.gin"], "gin file methods/nope.gin: not found"),
+        (["--gin", "methods/smat.gin", "--bind", "smat.num_expert = 4"], "gin:"),
+        (["--gin", "benchmark/setups/md_paper.gin", "--gin", "methods/pre.gin"], "SMAT_BENCH_RECORDS"),
+        (["--gin", "methods/smat.gin", "--adapt", "fine"], "unknown adapter"),
+    ]:
+        env = {k: v for k, v in os.environ.items() if k != "SMAT_BENCH_RECORDS"}
+        result = cli(*args, "--smoke", "--out", str(tmp_path / "x"), env=env)
+        assert result.returncode == 2, result.stderr
+        last = result.stderr.strip().splitlines()[-1]
+        assert last.startswith("python -m benchmark.run: error:") and message in last
+
+
+RESUME_ARGS = ["--gin", "methods/smat.gin", "--bind", "run.train_episodes = 40", "--bind", "run.checkpoint_every = 2",
+               "--bind", "run.valid_every = 3", "--bind", "run.test_episodes = 2"]
+
+
+def test_sigkill_then_rerun_gives_the_uninterrupted_results(tmp_path, mini_root):
+    """Killed at any moment, the same command continues; on CPU the outcome equals an uninterrupted run's."""
+    reference = cli(*RESUME_ARGS, "--out", str(tmp_path / "whole"))
+    assert reference.returncode == 0, reference.stderr
+    killed_dir = tmp_path / "killed"
+    process = subprocess.Popen([sys.executable, "-m", "benchmark.run", *RESUME_ARGS, "--out", str(killed_dir)],
+                               cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    last = killed_dir / "checkpoints" / "last.pt"
+    while time.time() < deadline and process.poll() is None:
+        if last.exists() and torch.load(last, weights_only=True)["step"] >= 4:
+            break
+        time.sleep(0.2)
+    assert process.poll() is None, "the run ended before it could be killed"
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    resumed = cli(*RESUME_ARGS, "--out", str(killed_dir))
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resuming" in resumed.stderr
+    whole = torch.load(tmp_path / "whole" / "checkpoints" / "last.pt", weights_only=True)
+    again = torch.load(last, weights_only=True)
+    assert whole["step"] == again["step"] == 10
+    for name, tensor in whole["model"].items():
+        assert torch.equal(tensor, again["model"][name]), name
+    strip = lambda rs: [{k: v for k, v in r.items() if k not in TIMING} for r in rs]  # noqa: E731
+    assert strip(rows(tmp_path / "whole")) == strip(rows(killed_dir))
+    steps = [json.loads(line)["step"] for line in (killed_dir / "metrics.jsonl").read_text().splitlines()
+             if json.loads(line)["kind"] == "train"]
+    assert steps == list(range(1, 11))
