@@ -12,7 +12,8 @@ For each (source, adapter):
 2. **Episodes** ``0 .. n−1`` of the TEST split (n = the benchmark's ``test_episodes``) — the same
    episodes for every method — skipping those already in ``episodes.jsonl`` (resume).
 3. **A row per episode** (contract C3) as soon as it finishes, with the wall seconds of adaptation
-   plus prediction and the peak GPU memory (null on CPU).
+   plus prediction and the peak GPU memory (null on CPU), plus what the method adds about the task
+   (`methods.Method.describe_task`, e.g. SMAT's routing weights).
 """
 
 import json
@@ -126,7 +127,9 @@ def evaluate(method, data, adapters, store, run_info, device="cpu", lr_grid=DEFA
                        disable=not progress, leave=False)
             for episode in bar:
                 accuracy, seconds, peak = adapt_and_score(method, adapter, episode, lr, device)
+                task = Task.from_episode(episode, device)
                 store.append({
+                    **method.describe_task(task.support_x, task.support_y, task.ways),
                     **run_info, "adaptation": adapter_name, "benchmark": bench.name, "source": source.name,
                     "role": source.role, "split": "test", "seed": episode.id.seed, "episode": episode.id.episode,
                     "ways": episode.ways, "support": len(episode.support_labels), "query": len(episode.query_labels),

@@ -330,7 +330,18 @@ def execute(args):
             workers=config.workers, lr_cache=job.directory / "lr_search.json",
         )
         _print_summary(job, summary)
+    write_report(job)
     return job.directory
+
+
+def write_report(job):
+    """``RUN_DIR/method_report.json``: the method's summary of its learned state (experts, sparsity, λ)."""
+    report = job.method.report()
+    if report:
+        path = job.directory / "method_report.json"
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text(json.dumps(report, indent=1, sort_keys=True))
+        os.replace(tmp, path)
 
 
 def _print_summary(job, summary):

@@ -154,6 +154,14 @@ class Method(nn.Module):
     def task_model(self, support_x, support_y, ways):
         raise NotImplementedError
 
+    def describe_task(self, support_x, support_y, ways):
+        """Extra fields for a task's result row (e.g. routing weights); none by default."""
+        return {}
+
+    def report(self):
+        """A JSON-ready summary of the learned state for ``RUN_DIR/method_report.json``; none by default."""
+        return {}
+
     # --- the shared training loop ---------------------------------------------------------------
 
     def configure_training(self, total_steps):

@@ -143,6 +143,33 @@ class SMAT(Method):
         model.alpha = alpha
         return model
 
+    def describe_task(self, support_x, support_y, ways):
+        """The task's merging weights α (evaluation mode), for result rows and the routing dendrogram."""
+        self.eval()
+        with torch.no_grad():
+            return {"routing_weights": self.routing(support_x, support_y, ways)[1].tolist()}
+
+    def report(self):
+        """Per expert: expected and exact (evaluation-mask) sparsity, λ; per tensor: exact density per expert;
+        and the overlap (Jaccard index of the non-zero evaluation gates) between every pair of experts."""
+        report = {"variant": self.variant, "target_sparsity": self.target_sparsity,
+                  "lagrange_multipliers": self.lagrange_multipliers.tolist()}
+        if self.masks is None:
+            return {**report, "experts_on": self.deltas.names}
+        with torch.no_grad():
+            gates = [z > 0 for z in self.masks.sample(training=False)]
+            union = sum(g.reshape(-1, g.shape[-1]).float().t() @ g.reshape(-1, g.shape[-1]).float() for g in gates)
+            counts = union.diagonal()
+            jaccard = union / (counts[:, None] + counts[None, :] - union).clamp_min(1)
+            report.update(
+                expected_sparsity=self.masks.expected_sparsity().tolist(),
+                l0_sparsity=self.masks.l0_sparsity().tolist(),
+                tensors={name: {"numel": g[..., 0].numel(), "density": g.reshape(-1, g.shape[-1]).float().mean(0).tolist()}
+                         for name, g in zip(self.deltas.names, gates)},
+                overlap=jaccard.tolist(),
+            )
+        return report
+
     # --- meta-training -------------------------------------------------------------------------------
 
     def configure_training(self, total_steps):

@@ -78,6 +78,12 @@ class SoftMerge(Method):
         metrics.update({f"alpha_{m}": float(a) for m, a in enumerate(alpha.detach())})
         return ce, metrics
 
+    def describe_task(self, support_x, support_y, ways):
+        """The task's softmax routing weights (evaluation mode), for result rows."""
+        self.eval()
+        with torch.no_grad():
+            return {"routing_weights": self.routing_weights(support_x, support_y, ways).tolist()}
+
     def task_model(self, support_x, support_y, ways):
         self.eval()
         with torch.no_grad():

@@ -102,3 +102,17 @@ def test_checkpoint_state_restores_every_tensor_and_optimizer(mini_tasks):
     torch.manual_seed(7)
     b = second.meta_train_step(mini_tasks[2:])
     assert a == b
+
+
+def test_smat_reports_its_experts_and_describes_each_task(mini_tasks):
+    smat = create_method("smat", backbone=create_backbone(MINI_BACKBONE, pretrained=False), num_experts=3)
+    report = smat.report()
+    assert len(report["expected_sparsity"]) == len(report["l0_sparsity"]) == 3
+    overlap = torch.tensor(report["overlap"])
+    assert torch.allclose(overlap, overlap.t()) and torch.allclose(overlap.diagonal(), torch.ones(3))
+    assert set(report["tensors"]) == set(n for n, _ in smat.backbone.named_parameters())
+    task = mini_tasks[0]
+    weights = smat.describe_task(task.support_x, task.support_y, task.ways)["routing_weights"]
+    assert len(weights) == 3 and abs(sum(weights) - 1) < 1e-5
+    assert create_method("pre", backbone=create_backbone(MINI_BACKBONE, pretrained=False)).describe_task(
+        task.support_x, task.support_y, task.ways) == {}
