@@ -11,6 +11,7 @@ For each (source, adapter):
    and basis are written into every row.
 2. **Episodes** ``0 .. n−1`` of the TEST split (n = the benchmark's ``test_episodes``) — the same
    episodes for every method — skipping those already in ``episodes.jsonl`` (resume).
+   With several processes, episodes are dealt out round by round and rank 0 writes every row.
 3. **A row per episode** (contract C3) as soon as it finishes, with the wall seconds of adaptation
    plus prediction and the peak GPU memory (null on CPU), plus what the method adds about the task
    (`methods.Method.describe_task`, e.g. SMAT's routing weights).
@@ -25,6 +26,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from benchmark import distributed
 from benchmark.episodes import episode_loader
 from benchmark.results import mean_ci, row_key
 from methods.adapters import get_adapter, searches_lr, seeded_generator
@@ -85,7 +87,7 @@ def choose_lr(method, adapter_name, data, source, grid, search_episodes, device,
         if scores[str(lr)] > best_acc:
             best_lr, best_acc = lr, scores[str(lr)]
     basis = f"grid search on {basis}"
-    if cache_file:
+    if cache_file and distributed.is_main():
         cache[key] = {"lr": best_lr, "basis": basis, "accuracy_by_lr": scores}
         tmp = Path(f"{cache_file}.tmp")
         tmp.write_text(json.dumps(cache, indent=1, sort_keys=True))
@@ -122,20 +124,29 @@ def evaluate(method, data, adapters, store, run_info, device="cpu", lr_grid=DEFA
             lr, basis = choose_lr(method, adapter_name, data, source.name, lr_grid, search_episodes, device, lr_cache)
             todo = [i for i in range(len(episodes)) if row_key(
                 dict(adaptation=adapter_name, source=source.name, split="test", seed=episodes.seed, episode=i)) not in store]
-            loader = episode_loader(torch.utils.data.Subset(episodes, todo), workers)
-            bar = tqdm(loader, total=len(todo), desc=f"{source.name} {adapter_name}", file=sys.stderr,
-                       disable=not progress, leave=False)
-            for episode in bar:
-                accuracy, seconds, peak = adapt_and_score(method, adapter, episode, lr, device)
-                task = Task.from_episode(episode, device)
-                store.append({
-                    **method.describe_task(task.support_x, task.support_y, task.ways),
-                    **run_info, "adaptation": adapter_name, "benchmark": bench.name, "source": source.name,
-                    "role": source.role, "split": "test", "seed": episode.id.seed, "episode": episode.id.episode,
-                    "ways": episode.ways, "support": len(episode.support_labels), "query": len(episode.query_labels),
-                    "accuracy": accuracy, "seconds": seconds, "peak_memory_mib": peak, "lr": lr, "lr_basis": basis,
-                })
+            world, rank = distributed.world_size(), distributed.rank()
+            rounds = range(0, len(todo), world)  # round r: process p takes episode todo[r + p]
+            loader = iter(episode_loader(torch.utils.data.Subset(episodes, todo[rank::world]), workers))
+            for start in tqdm(rounds, desc=f"{source.name} {adapter_name}", file=sys.stderr, leave=False,
+                              disable=not (progress and distributed.is_main())):
+                row = None
+                if start + rank < len(todo):
+                    episode = next(loader)
+                    accuracy, seconds, peak = adapt_and_score(method, adapter, episode, lr, device)
+                    task = Task.from_episode(episode, device)
+                    row = {
+                        **method.describe_task(task.support_x, task.support_y, task.ways),
+                        **run_info, "adaptation": adapter_name, "benchmark": bench.name, "source": source.name,
+                        "role": source.role, "split": "test", "seed": episode.id.seed, "episode": episode.id.episode,
+                        "ways": episode.ways, "support": len(episode.support_labels),
+                        "query": len(episode.query_labels), "accuracy": accuracy, "seconds": seconds,
+                        "peak_memory_mib": peak, "lr": lr, "lr_basis": basis,
+                    }
+                for gathered in distributed.gather_objects(row):
+                    if gathered is not None and distributed.is_main():
+                        store.append(gathered)
             accs = [r["accuracy"] for r in store.rows if r["source"] == source.name and r["adaptation"] == adapter_name]
-            summary[(adapter_name, source.name)] = (*mean_ci(accs), len(accs))
+            if accs:  # only the writing process holds the rows
+                summary[(adapter_name, source.name)] = (*mean_ci(accs), len(accs))
     return summary
 

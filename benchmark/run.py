@@ -32,6 +32,7 @@ import torch
 from tqdm import tqdm
 
 import methods
+from benchmark import distributed
 from benchmark.episodes import BenchmarkData, episode_loader
 from benchmark.config import RunConfig
 from benchmark.evaluate import evaluate
@@ -145,14 +146,24 @@ def build(config, out=None):
         methods.method_class(config.method)  # raises with the close matches
     benchmark = get_benchmark(config.benchmark or "md_mini")
     data = BenchmarkData(benchmark, config.records_root)
-    device = torch.device("cuda" if config.device == "auto" and torch.cuda.is_available() else
-                          "cpu" if config.device == "auto" else config.device)
+    device = distributed.setup(torch.device("cuda" if config.device == "auto" and torch.cuda.is_available() else
+                                            "cpu" if config.device == "auto" else config.device))
     weights = config.weights_file
     if weights is None and config.pretrain_steps > 0:
+        if distributed.is_main():  # one process pre-trains (and caches); the others wait for the file
+            weights = pretrained_weights(data, config.backbone, config.pretrain_steps)
+        distributed.barrier()
         weights = pretrained_weights(data, config.backbone, config.pretrain_steps)
-    torch.manual_seed(config.seed)
+    torch.manual_seed(config.seed)  # the same initialisation in every process
     backbone = create_backbone(config.backbone, pretrained=True, weights_file=weights)
     method = create_method(config.method, backbone=backbone).to(device)
+    if distributed.world_size() > 1:
+        if method.tasks_per_step % distributed.world_size():
+            raise DataError(
+                f"{config.method}.tasks_per_step = {method.tasks_per_step} cannot be split over "
+                f"{distributed.world_size()} processes; bind it to a multiple of the process count"
+            )
+        torch.manual_seed(config.seed + 1_000 * distributed.rank())  # independent noise per process
     text = gin.operative_config_str()
     digest = hashlib.sha256(text.encode()).hexdigest()
     directory = Path(out) if out else Path("runs") / f"{config.method}-{benchmark.name}-{digest[:10]}"
@@ -162,6 +173,16 @@ def build(config, out=None):
 def claim_directory(run):
     """Create the run directory, or check that an existing one was made by the same operative config."""
     config_file = run.directory / "config.gin"
+    if not distributed.is_main():
+        distributed.barrier()  # rank 0 claims first
+        return
+    try:
+        _claim(run, config_file)
+    finally:
+        distributed.barrier()
+
+
+def _claim(run, config_file):
     if config_file.exists():
         if config_file.read_text() != run.config_text:
             raise DataError(
@@ -183,8 +204,11 @@ def save_checkpoint(path, run, step, best_valid, with_training_state=True):
     state = dict(format=CHECKPOINT_FORMAT, method=run.config.method, variant=run.variant, config_hash=run.config_hash,
                  step=step, best_valid=best_valid, model=run.method.state_dict())
     if with_training_state:
-        state.update(training=run.method.training_state(), torch_rng=torch.get_rng_state(),
-                     cuda_rng=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [])
+        rng = distributed.gather_objects(
+            (torch.get_rng_state(), torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []))
+        state.update(training=run.method.training_state(), torch_rng=[r[0] for r in rng], cuda_rng=[r[1] for r in rng])
+    if not distributed.is_main():
+        return
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
     torch.save(state, tmp)
@@ -234,15 +258,17 @@ class MetricsLog:
 
 
 def validate(run, episodes_per_source):
-    """Mean ProtoNet accuracy over the fixed VALID episodes of every valid source."""
+    """Mean ProtoNet accuracy over the fixed VALID episodes of every valid source (split across processes)."""
     run.method.eval()
     accs = []
     for source in run.data.benchmark.valid_sources:
         episodes = run.data.eval_episodes(source.name, "valid", num_episodes=episodes_per_source)
-        for episode in episode_loader(episodes, run.config.workers):
+        mine = list(range(distributed.rank(), len(episodes), distributed.world_size()))
+        for episode in episode_loader(torch.utils.data.Subset(episodes, mine), run.config.workers):
             task = Task.from_episode(episode, run.device)
             predictions = run.method.task_model(task.support_x, task.support_y, task.ways).predict(task.query_x)
             accs.append(float((predictions == task.query_y).float().mean()))
+    accs = [a for share in distributed.gather_objects(accs) for a in share]
     return sum(accs) / len(accs) if accs else float("nan")
 
 
@@ -258,36 +284,44 @@ def train(run):
     if last.exists():
         state = load_checkpoint(last, run)
         method.load_training_state(state["training"])
-        torch.set_rng_state(state["torch_rng"])
-        if state["cuda_rng"]:
-            torch.cuda.set_rng_state_all(state["cuda_rng"])
+        if len(state["torch_rng"]) != distributed.world_size():
+            raise DataError(f"{last} was written by {len(state['torch_rng'])} process(es); resume it with as many")
+        torch.set_rng_state(state["torch_rng"][distributed.rank()])
+        if state["cuda_rng"][distributed.rank()]:
+            torch.cuda.set_rng_state_all(state["cuda_rng"][distributed.rank()])
         step, best_valid = state["step"], state["best_valid"]
         print(f"resuming {run.directory} at meta-update {step}/{total}", file=sys.stderr)
-    log = MetricsLog(run.directory / "metrics.jsonl", step)
+    log = MetricsLog(run.directory / "metrics.jsonl", step) if distributed.is_main() else None
     if step >= total:
         return best if best.exists() else last
     stream = run.data.train_episodes(config.seed, (total - step) * tasks_per_step, start=step * tasks_per_step)
+    mine = [i for i in range(len(stream)) if i % distributed.world_size() == distributed.rank()]
+    share = tasks_per_step // distributed.world_size()  # task j of a meta-update goes to process j mod W
     batch = []
-    bar = tqdm(total=total, initial=step, desc=f"meta-training {config.method}", file=sys.stderr, mininterval=5)
-    for episode in episode_loader(stream, config.workers):
+    bar = tqdm(total=total, initial=step, desc=f"meta-training {config.method}", file=sys.stderr, mininterval=5,
+               disable=not distributed.is_main())
+    for episode in episode_loader(torch.utils.data.Subset(stream, mine), config.workers):
         batch.append(Task.from_episode(episode, run.device))
-        if len(batch) < tasks_per_step:
+        if len(batch) < share:
             continue
         started = time.perf_counter()
-        metrics = method.meta_train_step(batch)
+        metrics = method.meta_train_step(batch, total_tasks=tasks_per_step)
         batch, step = [], step + 1
-        log.write(dict(step=step, kind="train", seconds=time.perf_counter() - started, **metrics))
+        if log:
+            log.write(dict(step=step, kind="train", seconds=time.perf_counter() - started, **metrics))
         bar.update(1)
-        bar.set_postfix(loss=f"{metrics['loss']:.3f}", acc=f"{metrics['query_acc']:.2f}")
+        bar.set_postfix(loss=f"{metrics['loss']:.3f}", acc=f"{metrics['query_acc']:.2f}", refresh=False)
         if step % config.valid_every == 0 or step == total:
             accuracy = validate(run, valid_episodes)
-            log.write(dict(step=step, kind="valid", accuracy=accuracy))
+            if log:
+                log.write(dict(step=step, kind="valid", accuracy=accuracy))
             if accuracy > best_valid:
                 best_valid = accuracy
                 save_checkpoint(best, run, step, best_valid, with_training_state=False)
         if step % config.checkpoint_every == 0 or step == total:
             save_checkpoint(last, run, step, best_valid)
     bar.close()
+    distributed.barrier()
     return best if best.exists() else last
 
 
@@ -329,8 +363,11 @@ def execute(args):
             num_episodes=SMOKE["test_episodes"] if smoke else config.test_episodes,
             workers=config.workers, lr_cache=job.directory / "lr_search.json",
         )
-        _print_summary(job, summary)
-    write_report(job)
+        if distributed.is_main():
+            _print_summary(job, summary)
+    if distributed.is_main():
+        write_report(job)
+    distributed.barrier()
     return job.directory
 
 
@@ -374,7 +411,10 @@ def build_parser():
 def main(argv=None):
     args = build_parser().parse_args(argv)
     with exit_on_error(PROG):
-        execute(args)
+        try:
+            execute(args)
+        finally:
+            distributed.shutdown()
 
 
 if __name__ == "__main__":

@@ -27,6 +27,8 @@ import torch.nn.functional as F
 from timm.scheduler import CosineLRScheduler
 from torch.func import functional_call
 
+from benchmark.distributed import gather_objects, sum_gradients
+
 __all__ = ["Method", "Task", "TaskModel", "prototypes", "cosine_logits", "autocast", "forward_features", "query_metrics"]
 
 
@@ -179,19 +181,27 @@ class Method(nn.Module):
         for scheduler in self.schedulers:
             scheduler.step_update(int(self.steps))
 
-    def meta_train_step(self, tasks):
-        """One meta-update: mean of the task losses, gradient clipping per optimizer, step, schedule."""
+    def meta_train_step(self, tasks, total_tasks=None):
+        """One meta-update: mean of the task losses, gradient clipping per optimizer, step, schedule.
+
+        With several processes (`benchmark.distributed`), ``tasks`` is this process's share of the
+        update's ``total_tasks``; gradients are summed and metrics gathered across processes, so the
+        update equals that of one process given all the tasks.
+        """
         if not self.optimizers:
             raise RuntimeError(f"{self.name}: call configure_training(total_steps) before meta_train_step")
         self.train()
         for optimizer in self.optimizers:
             optimizer.zero_grad(set_to_none=True)
+        total_tasks = total_tasks or len(tasks)
         metrics = []
         for task in tasks:
             with autocast(self.device):
                 loss, task_metrics = self.task_loss(task)
-            (loss / len(tasks)).backward()
+            (loss / total_tasks).backward()
             metrics.append({"loss": float(loss.detach()), **task_metrics})
+        sum_gradients([p for optimizer in self.optimizers for group in optimizer.param_groups for p in group["params"]])
+        metrics = [m for share in gather_objects(metrics) for m in share]
         extra = self.before_step(tasks, metrics) or {}
         for optimizer, max_norm in zip(self.optimizers, self._clip):
             if max_norm is not None:

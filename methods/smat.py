@@ -248,7 +248,7 @@ class SMAT(Method):
         extra.update({f"lambda_{m}": lam for m, lam in enumerate(self.lagrange_multipliers.tolist())})
         return extra
 
-    def meta_train_step(self, tasks):
-        summary = super().meta_train_step(tasks)
+    def meta_train_step(self, tasks, total_tasks=None):
+        summary = super().meta_train_step(tasks, total_tasks)
         summary["temperature"] = self.temperature()
         return summary
