@@ -1,0 +1,368 @@
+"""``python -m benchmark.leaderboard`` (contract C4): synthetic run directories, statistics recomputed here.
+
+Expected numbers are computed independently with the standard library (``statistics``), never with the
+leaderboard's own helpers.
+"""
+
+import csv
+import json
+import math
+import random
+import statistics
+from pathlib import Path
+
+import pytest
+from scipy.stats import wilcoxon
+
+from benchmark.leaderboard import main
+from registry.catalog import get_benchmark
+
+SHARED_REFERENCE = Path(__file__).resolve().parents[3] / "shared" / "reference"
+DATA = Path(__file__).resolve().parents[2] / "benchmark" / "data"
+MINI = get_benchmark("md_mini")
+PAPER = get_benchmark("md_paper")
+MINI_BACKBONE = "smat_vit_mini_patch4_32"
+DINO = "vit_small_patch16_224.dino"
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+# --- helpers -------------------------------------------------------------------------------------------
+
+
+def make_row(**fields):
+    """A result row with every contract-C3 key (and the optional ones); ``fields`` override."""
+    row = dict(run_id="smat-default-md_mini-aaaa", method="smat", variant="default", adaptation="protonet",
+               backbone=MINI_BACKBONE, benchmark="md_mini", source="mini_shapes", role="id", split="test", seed=0,
+               episode=0, ways=5, support=10, query=50, accuracy=0.5, seconds=0.1, peak_memory_mib=None,
+               config_hash="c" * 64, code_version="0123456789abcdef0123456789abcdef01234567", smoke=False,
+               device="cpu", lr=None, lr_basis="no learning rate")
+    row.update(fields)
+    return row
+
+
+def run_rows(bench=MINI, episodes=None, sources=None, accuracy=None, **fields):
+    """Rows of every (source, episode) of ``bench``; ``accuracy(source_index, episode)`` defaults to random."""
+    rng = random.Random(f"{fields.get('run_id')}/{fields.get('method')}/{fields.get('adaptation')}")
+    accuracy = accuracy or (lambda i, e: round(rng.random(), 4))
+    rows = []
+    for i, source in enumerate(bench.test_sources):
+        if sources is not None and source.name not in sources:
+            continue
+        for episode in range(bench.test_episodes if episodes is None else episodes):
+            rows.append(make_row(benchmark=bench.name, source=source.name, role=source.role, episode=episode,
+                                 accuracy=accuracy(i, episode), **fields))
+    return rows
+
+
+def write_run(directory, rows, config=None, report=None):
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "episodes.jsonl").write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in rows))
+    if config is not None:
+        (directory / "config.gin").write_text(config)
+    if report is not None:
+        (directory / "method_report.json").write_text(json.dumps(report))
+    return directory
+
+
+def leaderboard(tmp_path, *run_dirs, out="results", merge=False):
+    out = tmp_path / out
+    main([*map(str, run_dirs), "--out", str(out), *(["--merge-runs"] if merge else [])])
+    return out
+
+
+def table(text):
+    """{row name: {column header: cell}} of the first markdown table in ``text``."""
+    lines = [line for line in text.splitlines() if line.startswith("|")]
+    split = [[cell.strip() for cell in line.strip("|").split("|")] for line in lines]
+    header, body = split[0], split[2:]
+    return {row[0]: dict(zip(header[1:], row[1:])) for row in body}
+
+
+def numbers(cell):
+    """(mean, ci) of a ``mean ± ci[*†]`` cell."""
+    mean, ci = cell.rstrip("*†").split(" ± ")
+    return float(mean), float(ci)
+
+
+def expected(values):
+    """(mean, CI) in percent: CI = 1.96 · population std / √n."""
+    return 100 * statistics.fmean(values), 100 * 1.96 * statistics.pstdev(values) / math.sqrt(len(values))
+
+
+def accuracies(rows, source):
+    return [r["accuracy"] for r in rows if r["source"] == source]
+
+
+MINI_TABLE = f"md_mini__{MINI_BACKBONE}.md"
+
+
+# --- cells and averages ---------------------------------------------------------------------------------
+
+
+def test_cell_is_mean_and_95_ci_in_percent_over_episodes(tmp_path):
+    rows = run_rows(run_id="smat-default-md_mini-aaaa")
+    out = leaderboard(tmp_path, write_run(tmp_path / "run", rows))
+    cells = table((out / MINI_TABLE).read_text())
+    for source in MINI.test_sources:
+        assert numbers(cells[source.name]["SMAT"]) == pytest.approx(expected(accuracies(rows, source.name)), abs=0.006)
+
+
+def test_averages_are_means_of_per_source_means(tmp_path):
+    # unequal episode counts: the pooled mean over episodes would differ from the mean of source means
+    rows = [r for r in run_rows() if r["source"] != "mini_shapes" or r["episode"] < 4]
+    out = leaderboard(tmp_path, write_run(tmp_path / "run", rows))
+    cells = table((out / MINI_TABLE).read_text())
+    for row_name, role in (("ID Avg", "id"), ("OOD Avg", "ood")):
+        per_source = [expected(accuracies(rows, s.name)) for s in MINI.test_sources if s.role == role]
+        mean = statistics.fmean(m for m, _ in per_source)
+        ci = math.sqrt(sum(c**2 for _, c in per_source)) / len(per_source)
+        assert numbers(cells[row_name]["SMAT"]) == pytest.approx((mean, ci), abs=0.006)
+    pooled = 100 * statistics.fmean(r["accuracy"] for r in rows if r["role"] == "id")
+    assert abs(numbers(cells["ID Avg"]["SMAT"])[0] - pooled) > 0.01
+
+
+def test_repeated_rows_are_counted_once(tmp_path):
+    rows = run_rows()
+    single = leaderboard(tmp_path, write_run(tmp_path / "once" / "run", rows), out="single")
+    write_run(tmp_path / "twice" / "run", rows + rows[:30])
+    write_run(tmp_path / "twice" / "copy" / "run", rows[10:50])
+    repeated = leaderboard(tmp_path, tmp_path / "twice", out="repeated")
+    assert (repeated / MINI_TABLE).read_bytes() == (single / MINI_TABLE).read_bytes()
+    assert "70 repeated rows counted once" in (repeated / "README.md").read_text()
+
+
+def test_runs_of_one_configuration_are_separate_columns_unless_merged(tmp_path):
+    first = run_rows(run_id="smat-default-md_mini-aaaa")
+    second = run_rows(run_id="smat-default-md_mini-bbbb", accuracy=lambda i, e: (e % 4) / 4)
+    dirs = write_run(tmp_path / "a", first), write_run(tmp_path / "b", second)
+    apart = table((leaderboard(tmp_path, *dirs, out="apart") / MINI_TABLE).read_text())
+    assert {"SMAT [aaaa]", "SMAT [bbbb]"} <= set(apart["mini_shapes"]) and "SMAT" not in apart["mini_shapes"]
+    assert numbers(apart["mini_glyphs"]["SMAT [bbbb]"]) == pytest.approx(
+        expected(accuracies(second, "mini_glyphs")), abs=0.006)
+    merged = table((leaderboard(tmp_path, *dirs, out="merged", merge=True) / MINI_TABLE).read_text())
+    per_episode = [(a + b) / 2 for a, b in zip(accuracies(first, "mini_glyphs"), accuracies(second, "mini_glyphs"))]
+    assert list(merged["mini_glyphs"]) == ["SMAT"]
+    assert numbers(merged["mini_glyphs"]["SMAT"]) == pytest.approx(expected(per_episode), abs=0.006)
+
+
+def test_cells_with_fewer_episodes_than_declared_are_marked(tmp_path):
+    rows = [r for r in run_rows() if r["source"] != "mini_digits" or r["episode"] < MINI.test_episodes - 1]
+    text = (leaderboard(tmp_path, write_run(tmp_path / "run", rows)) / MINI_TABLE).read_text()
+    cells = table(text)
+    assert cells["mini_digits"]["SMAT"].endswith("*") and cells["OOD Avg"]["SMAT"].endswith("*")
+    assert not cells["mini_sketch"]["SMAT"].endswith("*") and not cells["ID Avg"]["SMAT"].endswith("*")
+    assert f"fewer than {MINI.test_episodes} episodes" in text
+
+
+def test_smoke_rows_are_ignored(tmp_path):
+    rows = run_rows(accuracy=lambda i, e: 0.5)
+    smoke = [dict(r, accuracy=1.0, smoke=True) for r in run_rows(episodes=25)]  # same keys, and extra episodes
+    smoke_only = run_rows(run_id="pmf-default-md_mini-ssss", method="pmf", smoke=True, episodes=2)
+    out = leaderboard(tmp_path, write_run(tmp_path / "run", rows + smoke), write_run(tmp_path / "smoke", smoke_only))
+    cells = table((out / MINI_TABLE).read_text())
+    assert cells["mini_shapes"] == {"SMAT": "50.00 ± 0.00"}
+    assert f"{len(smoke) + len(smoke_only)} smoke rows ignored" in (out / "README.md").read_text()
+
+
+def test_a_new_method_gets_its_own_table(tmp_path):
+    smat = run_rows(bench=PAPER, episodes=3, backbone=DINO, run_id="smat-default-md_paper-aaaa")
+    new = run_rows(bench=PAPER, episodes=3, backbone=DINO, run_id="mymethod-default-md_paper-bbbb", method="mymethod")
+    out = leaderboard(tmp_path, write_run(tmp_path / "smat", smat), write_run(tmp_path / "new", new))
+    assert "mymethod" not in (out / "table1.md").read_text()
+    own = table((out / f"md_paper__{DINO}.md").read_text())
+    assert list(own["ilsvrc_2012"]) == ["mymethod"]
+    assert numbers(own["ilsvrc_2012"]["mymethod"]) == pytest.approx(expected(accuracies(new, "ilsvrc_2012")),
+                                                                     abs=0.006)
+    assert f"md_paper__{DINO}.md" in (out / "README.md").read_text()
+
+
+# --- the paper's tables ----------------------------------------------------------------------------------
+
+
+def reference_rows(name):
+    path = (SHARED_REFERENCE if SHARED_REFERENCE.is_dir() else DATA) / f"published_{name}.csv"
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+PAPER_NAMES = {"ImageNet": "ilsvrc_2012", "Omniglot": "omniglot", "Aircraft": "aircraft", "CUB": "cu_birds",
+               "DTD": "dtd", "Quickdraw": "quickdraw", "Fungi": "fungi", "VGGFlower": "vgg_flower",
+               "TrafficSig": "traffic_sign", "MSCOCO": "mscoco", "Cifar10": "cifar10", "Cifar100": "cifar100",
+               "MNIST": "mnist", "Sketch": "sketch", "Pet": "pet", "Clipart": "clipart", "Food": "food", "Cars": "cars",
+               "ID Avg": "ID Avg", "OOD Avg": "OOD Avg"}
+
+
+@pytest.mark.skipif(not SHARED_REFERENCE.is_dir(), reason="../shared/reference is not beside the project")
+@pytest.mark.parametrize("name", ["accuracy", "ablation", "cost"])
+def test_published_data_is_a_verbatim_copy_of_the_reference(name):
+    assert (DATA / f"published_{name}.csv").read_bytes() == (SHARED_REFERENCE / f"published_{name}.csv").read_bytes()
+
+
+def test_published_numbers_sit_in_their_own_column_and_match_the_csv(tmp_path):
+    smat = run_rows(bench=PAPER, episodes=4, backbone=DINO, run_id="smat-default-md_paper-aaaa")
+    full = run_rows(bench=PAPER, episodes=4, backbone=DINO, run_id="smat-default-md_paper-aaaa", adaptation="full")
+    out = leaderboard(tmp_path, write_run(tmp_path / "run", smat + full))
+    cells = table((out / "table1.md").read_text())
+    published = {(PAPER_NAMES[r["dataset"]], r["method"]): float(r["accuracy"])
+                 for r in reference_rows("accuracy") if r["table"] == "table1"}
+    for label in ("SMAT", "SMAT+full"):
+        for row_name, columns in cells.items():
+            assert float(columns[f"{label} (paper)"]) == published[(row_name, label)]
+            assert " ± " in columns[label]  # ours stays ours
+    headers = list(cells["ilsvrc_2012"])
+    assert headers.index("SMAT (paper)") == headers.index("SMAT") + 1
+    assert "PMF+LoRA" in (out / "table1.md").read_text()  # published but not measured: named in a note
+    ablation = table((out / "table2.md").read_text())["SMAT"]
+    first = reference_rows("ablation")[0]
+    assert (ablation["ID Avg (paper)"], ablation["OOD Avg (paper)"], ablation["Avg (paper)"]) == (
+        first["id_avg"], first["ood_avg"], first["avg"])
+
+
+def test_table2_marks_the_component_switches_of_each_variant(tmp_path):
+    dirs = []
+    for variant in ("default", "no_dense_teacher", "no_meta_split", "mlp_experts"):
+        rows = run_rows(bench=PAPER, episodes=2, backbone=DINO, variant=variant, run_id=f"smat-{variant}-x")
+        dirs.append(write_run(tmp_path / variant, rows))
+    dirs.append(write_run(tmp_path / "pmf", run_rows(bench=PAPER, episodes=2, backbone=DINO, method="pmf",
+                                                     run_id="pmf-default-x")))
+    rows = table((leaderboard(tmp_path, *dirs) / "table2.md").read_text())
+    switches = {name: tuple(cells[k] for k in ("MLS", "Meta", "DT", "IE")) for name, cells in rows.items()}
+    assert switches == {"SMAT": ("✓", "✓", "✓", "✓"), "SMAT (no_dense_teacher)": ("✓", "✓", "✗", "✓"),
+                        "SMAT (no_meta_split)": ("✓", "✗", "✓", "✓"), "SMAT (mlp_experts)": ("✗", "✓", "✓", "✗"),
+                        "PMF": ("✗", "✗", "✗", "✗")}
+    assert list(rows) == ["SMAT", "SMAT (no_dense_teacher)", "SMAT (no_meta_split)", "SMAT (mlp_experts)", "PMF"]
+
+
+def test_table4_rows_are_the_sources_with_gradient_free_and_table5_reports_cost(tmp_path):
+    base = dict(bench=PAPER, episodes=3, backbone=DINO, run_id="smat-default-md_paper-aaaa")
+    protonet = run_rows(**base, seconds=0.5, peak_memory_mib=100.0, device="NVIDIA H100 80GB HBM3")
+    free = run_rows(**base, adaptation="gradient_free", sources={"mnist", "cifar10"}, seconds=2.0,
+                    peak_memory_mib=300.0, device="NVIDIA H100 80GB HBM3")
+    out = leaderboard(tmp_path, write_run(tmp_path / "run", protonet + free))
+    strategies = table((out / "table4.md").read_text())
+    assert list(strategies) == ["cifar10", "mnist", "Avg"]
+    assert strategies["mnist"]["SMAT+gradient-free (paper)"] == "94.63"
+    cost = table((out / "table5.md").read_text())
+    assert cost["SMAT"]["Time (s/task)"] == "0.50" and cost["SMAT"]["Peak GPU memory (MiB)"] == "100"
+    assert cost["SMAT+gradient-free"]["Time (s/task)"] == "2.00" and cost["SMAT+gradient-free"]["Episodes"] == "6"
+    assert cost["SMAT+gradient-free"]["Device"] == "NVIDIA H100 80GB HBM3"
+    per_source = [statistics.fmean(r["accuracy"] for r in free if r["source"] == s) for s in ("cifar10", "mnist")]
+    assert numbers(cost["SMAT+gradient-free"]["Avg accuracy"])[0] == pytest.approx(
+        100 * statistics.fmean(per_source), abs=0.006)
+
+
+# --- paired comparisons ----------------------------------------------------------------------------------
+
+
+def paired_table(text, heading):
+    return table(text.split(f"### {heading}\n", 1)[1])
+
+
+def test_paired_differences_their_ci_and_n_use_only_common_episodes(tmp_path):
+    smat = run_rows(run_id="smat-default-md_mini-aaaa")
+    pmf = [r for r in run_rows(run_id="pmf-default-md_mini-bbbb", method="pmf") if r["episode"] % 3]
+    out = leaderboard(tmp_path, write_run(tmp_path / "smat", smat), write_run(tmp_path / "pmf", pmf))
+    cells = paired_table((out / "paired.md").read_text(), "SMAT − PMF")
+    baseline = {(r["source"], r["episode"]): r["accuracy"] for r in pmf}
+    for source in MINI.test_sources:
+        diffs = [r["accuracy"] - baseline[(r["source"], r["episode"])] for r in smat
+                 if r["source"] == source.name and (r["source"], r["episode"]) in baseline]
+        row = cells[source.name]
+        assert row["n"] == str(len(diffs)) and row["Δ (points) ± 95% CI"].endswith("*")
+        assert numbers(row["Δ (points) ± 95% CI"]) == pytest.approx(expected(diffs), abs=0.006)
+        assert float(row["Wilcoxon p"]) == pytest.approx(wilcoxon(diffs).pvalue, rel=1e-2)
+
+
+def test_paired_all_zero_differences_give_p_of_one(tmp_path):
+    same = run_rows(run_id="smat-default-md_mini-aaaa", accuracy=lambda i, e: 0.75)
+    twin = run_rows(run_id="pre-default-md_mini-bbbb", method="pre", accuracy=lambda i, e: 0.75)
+    out = leaderboard(tmp_path, write_run(tmp_path / "smat", same), write_run(tmp_path / "pre", twin))
+    cells = paired_table((out / "paired.md").read_text(), "SMAT − Pre")
+    assert cells["mini_shapes"]["Δ (points) ± 95% CI"] == "+0.00 ± 0.00" and cells["Avg"]["Wilcoxon p"] == "1"
+
+
+# --- figures, determinism, the index ---------------------------------------------------------------------
+
+
+def smat_report(experts=4):
+    names = ["cls_token", "pos_embed", "patch_embed.proj.weight", "norm.weight"] + [
+        f"blocks.{i}.{part}" for i in range(2) for part in
+        ("norm1.weight", "attn.qkv.weight", "attn.proj.weight", "norm2.weight", "mlp.fc1.weight", "mlp.fc2.weight")]
+    tensors = {name: {"numel": 10 + k, "density": [((k + m) % 5) / 5 for m in range(experts)]}
+               for k, name in enumerate(names)}
+    overlap = [[1.0 if i == j else 0.1 * (i + j) / experts for j in range(experts)] for i in range(experts)]
+    return {"variant": "default", "target_sparsity": 0.9, "tensors": tensors, "overlap": overlap,
+            "expected_sparsity": [0.9] * experts, "l0_sparsity": [0.9] * experts, "lagrange_multipliers": [0] * experts}
+
+
+def figure_runs(tmp_path):
+    """Two SMAT runs (τ, M in config.gin, a method report, routing weights) and a PMF run."""
+    dirs = []
+    for k, (tau, experts) in enumerate(((0.9, 4), (0.5, 8))):
+        run_id = f"smat-default-md_mini-{'ab'[k] * 4}"
+        sources = [s.name for s in MINI.test_sources]
+        rows = [dict(r, routing_weights=[(r["episode"] + sources.index(r["source"]) * (i + 1) + k) % 7 / 7
+                                         for i in range(experts)]) for r in run_rows(run_id=run_id)]
+        config = f"run.method = 'smat'\nsmat.num_experts = {experts}\nsmat.target_sparsity = {tau}\n"
+        dirs.append(write_run(tmp_path / "runs" / f"smat{k}", rows, config, smat_report(experts)))
+    dirs.append(write_run(tmp_path / "runs" / "pmf", run_rows(run_id="pmf-default-md_mini-cccc", method="pmf")))
+    return dirs
+
+
+def test_regeneration_is_byte_identical(tmp_path):
+    dirs = figure_runs(tmp_path)
+    first = leaderboard(tmp_path, *dirs, out="first")
+    second = leaderboard(tmp_path, *reversed(dirs), out="second")
+    names = sorted(p.name for p in first.iterdir())
+    assert names == sorted(p.name for p in second.iterdir()) and any(n.endswith(".png") for n in names)
+    for name in names:
+        assert (first / name).read_bytes() == (second / name).read_bytes(), name
+
+
+def test_figures_are_drawn_when_runs_hold_their_inputs(tmp_path, capsys):
+    out = leaderboard(tmp_path, *figure_runs(tmp_path))
+    printed = capsys.readouterr().out.split()
+    figures = sorted(p.name for p in out.glob("*.png"))
+    assert figures == sorted([f"fig3_tradeoff__md_mini__{MINI_BACKBONE}.png"] + [
+        f"fig6{kind}__smat-default-md_mini-{c * 4}.png" for kind in ("ab_density", "c_routing", "d_overlap")
+        for c in "ab"])
+    assert all((out / f).read_bytes().startswith(PNG_SIGNATURE) for f in figures)
+    readme = (out / "README.md").read_text()
+    assert all(f"[{f}]({f})" in readme for f in figures) and "fig3" not in readme.split("## Skipped")[-1]
+    assert sorted(Path(p).name for p in printed) == sorted(p.name for p in out.iterdir())
+
+
+def test_figures_are_skipped_with_a_note_when_runs_lack_their_inputs(tmp_path):
+    out = leaderboard(tmp_path, write_run(tmp_path / "run", run_rows()))
+    assert not list(out.glob("*.png"))
+    skipped = (out / "README.md").read_text().split("## Skipped", 1)[1]
+    for name in ("fig3_tradeoff", "fig6ab_density", "fig6c_routing", "fig6d_overlap", "table1.md", "paired.md"):
+        assert f"- {name}" in skipped
+    assert "smat-default-md_mini-aaaa left out" in skipped  # no config.gin: no τ, M
+
+
+def test_index_names_the_runs_config_hashes_and_code_versions_of_each_file(tmp_path):
+    out = leaderboard(tmp_path, write_run(tmp_path / "run", run_rows(config_hash="f" * 64, code_version="v1.2")))
+    readme = (out / "README.md").read_text()
+    entry = readme.split(f"[{MINI_TABLE}]({MINI_TABLE})", 1)[1].split("\n- ", 1)[0]
+    assert "`smat-default-md_mini-aaaa`" in entry and "f" * 12 in entry and "v1.2" in entry
+
+
+# --- errors ----------------------------------------------------------------------------------------------
+
+
+def test_missing_directory_exits_2_with_one_line_naming_it(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main([str(tmp_path / "nowhere"), "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and len(err.strip().splitlines()) == 1 and "nowhere" in err
+
+
+def test_corrupt_row_exits_2_naming_the_file_and_line(tmp_path, capsys):
+    run = write_run(tmp_path / "run", run_rows(episodes=2))
+    with open(run / "episodes.jsonl", "a") as f:
+        f.write('{"run_id": "x", "accuracy": 0.5}\n')
+    with pytest.raises(SystemExit) as exit_info:
+        main([str(run), "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err.strip()
+    assert exit_info.value.code == 2 and len(err.splitlines()) == 1 and f"episodes.jsonl:{6 * 2 + 1}:" in err
