@@ -128,7 +128,10 @@ class Run:
 
     @property
     def run_id(self):
-        return f"{self.config.method}-{self.variant}-{self.data.benchmark.name}-{self.config_hash[:10]}"
+        """method-variant-benchmark-hash, plus ``-wN`` for N processes (their noise streams differ from one's)."""
+        processes = distributed.world_size()
+        suffix = f"-w{processes}" if processes > 1 else ""
+        return f"{self.config.method}-{self.variant}-{self.data.benchmark.name}-{self.config_hash[:10]}{suffix}"
 
     def row_info(self):
         return dict(run_id=self.run_id, method=self.config.method, variant=self.variant, backbone=self.config.backbone,

@@ -1,0 +1,437 @@
+"""``python -m slurm.sweep``: a grid of ``benchmark.run`` jobs as ONE job array, with a manifest.
+
+    python -m slurm.sweep --gin FILE [...] --grid 'smat.target_sparsity=[0.5, 0.7, 0.9]' [--grid ...] --out SWEEP_DIR
+           [--array-parallelism K] [--wait] [every benchmark.run option] [the cluster options of slurm.launch] [--local]
+    python -m slurm.sweep --status SWEEP_DIR[/sweep.json] [--wait]
+    python -m slurm.sweep --resubmit-failed SWEEP_DIR[/sweep.json] [--wait]
+
+Each ``--grid NAME=[v1, v2, ...]`` is a gin parameter and its values (Python literals; bare words are
+strings); ``--grid 'gin=[methods/pmf.gin, methods/smat.gin]'`` varies a gin file instead. The
+cartesian product is submitted as one job array (``executor.map_array``), at most K elements running
+at once; point ``target_sparsity=0.5,num_experts=4`` runs in ``SWEEP_DIR/target_sparsity=0.5,num_experts=4``
+with ``--bind 'smat.target_sparsity = 0.5' --bind 'smat.num_experts = 4'`` added to the command line.
+Every point's gin config is parsed, and the partition, GPUs and CPUs checked with ``sinfo``, before
+anything is submitted; a refusal is one line and exit status 2.
+
+``SWEEP_DIR/sweep.json`` (the manifest) maps each point to its bindings, command line, job id (and
+earlier ids), run directory and last known status. ``--status`` prints every point's state (from
+the job's result file, else ``sacct``) and the number of result rows in its run directory, and names
+the failed points; ``--resubmit-failed`` resubmits only those (as one array; each resumes from its run
+directory); ``--wait`` blocks with a progress bar until every job ended, prints the summary and exits
+1 when a point failed. ``--local`` runs the points on this machine, K at a time (default 1), and waits.
+"""
+
+import argparse
+import ast
+import datetime
+import itertools
+import json
+import os
+import re
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from registry.errors import DataError, exit_on_error
+from slurm.cluster import check_request, make_executor
+from slurm.launch import check_config, cluster_parser, parameters_from_args, run_argv, submit_jobs
+
+__all__ = ["main", "submit", "status", "resubmit_failed", "wait", "parse_grid", "point_name", "build_parser"]
+
+PROG = "python -m slurm.sweep"
+MANIFEST = "sweep.json"
+FORMAT = 1
+GIN = "gin"  # the grid key that varies a gin file
+ACTIVE = {"PENDING", "RUNNING", "REQUEUED", "REQUEUE_FED", "REQUEUE_HOLD", "RESV_DEL_HOLD", "COMPLETING",
+          "CONFIGURING", "RESIZING", "SUSPENDED", "SIGNALING", "STAGE_OUT", "PREEMPTED", "READY", "UNKNOWN"}
+POLL_S = 2.0
+
+
+def sweep_parser():
+    """The options only ``slurm.sweep`` has (a parent parser, no ``-h``)."""
+    parser = argparse.ArgumentParser(add_help=False)
+    group = parser.add_argument_group("sweep")
+    group.add_argument("--grid", action="append", default=[], metavar="NAME=[V1, V2, ...]",
+                       help="a gin parameter (or 'gin' for a gin file) and its values (repeatable: cartesian product)")
+    group.add_argument("--array-parallelism", type=int, help="at most K array elements run at once")
+    group.add_argument("--status", metavar="MANIFEST", help="show the progress of a sweep (SWEEP_DIR or its sweep.json)")
+    group.add_argument("--resubmit-failed", metavar="MANIFEST", help="resubmit the failed points of a sweep")
+    return parser
+
+
+def build_parser():
+    """The submission parser: ``benchmark.run``'s options, the cluster options, the sweep options."""
+    from benchmark.run import build_parser as run_parser
+
+    return argparse.ArgumentParser(
+        prog=PROG, description=__doc__.split("\n\n")[0].split(": ", 1)[1],
+        parents=[run_parser(), cluster_parser(), sweep_parser()], add_help=False,
+        epilog="In a sweep, --out is the sweep directory (required): each grid point runs in SWEEP_DIR/<point name>, "
+               "and SWEEP_DIR/sweep.json is the manifest that --status and --resubmit-failed read.")
+
+
+def _manage_parser():
+    parser = argparse.ArgumentParser(prog=PROG, description="follow or repair a submitted sweep")
+    what = parser.add_mutually_exclusive_group(required=True)
+    what.add_argument("--status", metavar="MANIFEST")
+    what.add_argument("--resubmit-failed", metavar="MANIFEST")
+    parser.add_argument("--wait", action="store_true")
+    return parser
+
+
+# --- the grid -------------------------------------------------------------------------------------------
+
+
+def _values(text):
+    try:
+        values = ast.literal_eval(text)
+    except (ValueError, SyntaxError):  # bare words: [methods/pmf.gin, methods/smat.gin]
+        inner = text.strip()
+        if not (inner.startswith("[") and inner.endswith("]")):
+            return None
+        values = []
+        for item in inner[1:-1].split(","):
+            try:
+                values.append(ast.literal_eval(item.strip()))
+            except (ValueError, SyntaxError):
+                values.append(item.strip())
+    return list(values) if isinstance(values, (list, tuple)) else None
+
+
+def parse_grid(specs):
+    """``['smat.num_experts=[4, 8]', ...]`` -> ``{'smat.num_experts': [4, 8], ...}`` (in order).
+
+    Raises:
+        DataError: a spec that is not ``NAME=[V1, V2, ...]`` with distinct values, or a repeated name.
+    """
+    grid = {}
+    for spec in specs:
+        name, sep, text = spec.partition("=")
+        name = name.strip()
+        values = _values(text) if sep else None
+        if not name or not values:
+            raise DataError(f"--grid {spec}: expected NAME=[V1, V2, ...], e.g. --grid 'smat.num_experts=[4, 8]'")
+        if name in grid:
+            raise DataError(f"--grid {name} given twice; put all its values in one list")
+        if len(set(map(repr, values))) != len(values):
+            raise DataError(f"--grid {spec}: a value is repeated")
+        grid[name] = values
+    return grid
+
+
+def point_name(point, grid):
+    """A readable directory name: ``target_sparsity=0.5,num_experts=4`` (full names where the last parts clash)."""
+    lasts = [n.rsplit(".", 1)[-1] for n in grid]
+    parts = []
+    for name, value in point.items():
+        key = name.rsplit(".", 1)[-1] if lasts.count(name.rsplit(".", 1)[-1]) == 1 else name
+        text = Path(str(value)).stem if name == GIN else value if isinstance(value, str) else repr(value)
+        parts.append(f"{key}={text}")
+    return re.sub(r"[^\w.=,+-]", "_", ",".join(parts))[:200]
+
+
+def points_of(grid):
+    """The cartesian product, first grid parameter slowest: a list of ``{name: value}``."""
+    return [dict(zip(grid, values)) for values in itertools.product(*grid.values())]
+
+
+def _point_argv(point):
+    argv = []
+    for name, value in point.items():
+        argv += ["--gin", str(value)] if name == GIN else ["--bind", f"{name} = {value!r}"]
+    return argv
+
+
+# --- the manifest ---------------------------------------------------------------------------------------
+
+
+def _manifest_path(path):
+    path = Path(path)
+    return path / MANIFEST if path.is_dir() else path
+
+
+def load(path):
+    path = _manifest_path(path)
+    try:
+        manifest = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise DataError(f"{path}: no sweep manifest (give SWEEP_DIR or SWEEP_DIR/{MANIFEST})") from None
+    except json.JSONDecodeError as err:
+        raise DataError(f"{path}: not a sweep manifest ({err})") from None
+    if manifest.get("format") != FORMAT:
+        raise DataError(f"{path}: not a sweep manifest of format {FORMAT}")
+    return path, manifest
+
+
+def save(path, manifest):
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(manifest, indent=1) + "\n")
+    os.replace(tmp, path)
+
+
+# --- submission -----------------------------------------------------------------------------------------
+
+
+def _own_parser():
+    return argparse.ArgumentParser(add_help=False, parents=[cluster_parser(), sweep_parser()])
+
+
+def submit(argv):
+    """Check every point, submit the grid as one job array, write the manifest; returns its path.
+
+    Raises:
+        DataError: a bad grid, gin file or binding (for any point), an unknown partition or submitit
+            parameter, more GPUs or CPUs than a node has, an existing sweep in SWEEP_DIR, or sbatch
+            refused the array; nothing was submitted.
+    """
+    from benchmark.run import build_parser as run_parser
+
+    args = build_parser().parse_args(argv)
+    if not args.out:
+        raise DataError("--out SWEEP_DIR is required: the sweep's run directories and manifest go there")
+    if not args.grid:
+        raise DataError("no --grid: give at least one, e.g. --grid 'smat.num_experts=[4, 8]'")
+    sweep_dir = Path(args.out).absolute()
+    manifest_path = sweep_dir / MANIFEST
+    if manifest_path.exists():
+        raise DataError(f"{manifest_path} exists: follow that sweep with --status / --resubmit-failed, "
+                        "or choose another --out")
+    grid = parse_grid(args.grid)
+    base = run_argv(argv, _own_parser())
+    base_args = run_parser().parse_args(base)
+    points = points_of(grid)
+    for point in points:
+        gin_files = base_args.gin + [str(v) for n, v in point.items() if n == GIN]
+        bindings = base_args.bind + [f"{n} = {v!r}" for n, v in point.items() if n != GIN]
+        try:
+            check_config(gin_files, bindings)
+        except DataError as err:
+            raise DataError(f"grid point {point_name(point, grid)}: {err}") from None
+    parameters = parameters_from_args(args, name=f"smat-sweep:{sweep_dir.name}",
+                                      slurm_array_parallelism=args.array_parallelism)
+    if not args.local:
+        parameters["slurm_partition"] = check_request(parameters)
+    folder = sweep_dir / "submitit"
+    executor = make_executor(folder, parameters, local=args.local)
+    entries = []
+    for point in points:
+        name = point_name(point, grid)
+        run_dir = sweep_dir / name
+        entries.append(dict(name=name, values=point, run_dir=str(run_dir),
+                            argv=base + _point_argv(point) + ["--out", str(run_dir)], job_id=None, jobs=[],
+                            status="NOT SUBMITTED", rows=0))
+    if len({e["name"] for e in entries}) != len(entries):
+        for i, entry in enumerate(entries):
+            entry["name"] = f"{i:03d}-{entry['name']}"[:200]
+            entry["run_dir"] = str(sweep_dir / entry["name"])
+            entry["argv"][-1] = entry["run_dir"]
+    manifest = dict(format=FORMAT, sweep_dir=str(sweep_dir), command=shlex.join([*PROG.split(), *argv]),
+                    created=datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+                    cluster="local" if args.local else "slurm", folder=str(folder), grid=grid,
+                    parameters=parameters, points=entries)
+    sweep_dir.mkdir(parents=True, exist_ok=True)
+    if args.local:
+        save(manifest_path, manifest)
+        _run_locally(manifest_path, manifest, executor, entries, args.array_parallelism or 1)
+    else:
+        _submit_entries(executor, entries)
+        save(manifest_path, manifest)
+    return manifest_path
+
+
+def _submit_entries(executor, entries):
+    jobs = submit_jobs(executor, [e["argv"] for e in entries])
+    for entry, job in zip(entries, jobs):
+        entry["job_id"] = str(job.job_id)
+        entry["jobs"].append(entry["job_id"])
+        entry["status"] = "PENDING"
+    return jobs
+
+
+def _run_locally(manifest_path, manifest, executor, entries, parallelism):
+    """Run ``entries`` with the local executor, ``parallelism`` at a time, until all ended."""
+    waiting, running = list(entries), []
+    while waiting or running:
+        running = [job for job in running if not job.done()]
+        while waiting and len(running) < parallelism:
+            running += _submit_entries(executor, [waiting.pop(0)])
+            save(manifest_path, manifest)
+        time.sleep(0.5)
+
+
+# --- status ---------------------------------------------------------------------------------------------
+
+
+def _result(folder, job_id):
+    """('success', value) / ('error', traceback) from the job's result file, or None while there is none."""
+    from submitit.core.utils import JobPaths, pickle_load
+
+    path = JobPaths(folder, job_id=job_id, task_id=0).result_pickle
+    try:
+        return pickle_load(path)
+    except (FileNotFoundError, EOFError):
+        return None
+
+
+def _rows(run_dir):
+    path = Path(run_dir) / "episodes.jsonl"
+    try:
+        return sum(1 for line in path.read_text().splitlines() if line.strip())
+    except FileNotFoundError:
+        return 0
+
+
+def _squeue_states(job_ids):
+    """{job id: state} of the jobs slurmctld still holds (finished ones stay listed for a few minutes)."""
+    result = subprocess.run(["squeue", "-h", "-r", "-t", "all", "-j", ",".join(job_ids), "-o", "%i|%T"],
+                            capture_output=True, text=True, timeout=60)
+    return dict(line.split("|", 1) for line in result.stdout.split() if "|" in line)
+
+
+def _states(manifest, entries):
+    """Each entry's state: its result file when there is one, else sacct, else squeue (slurm) or the process (local).
+
+    A job neither sacct nor squeue knows and that left no result ended without one (an array element
+    cancelled while pending has no accounting record at all): ``LOST``, a failure.
+    """
+    states = {}
+    unresolved = []
+    for entry in entries:
+        result = _result(manifest["folder"], entry["job_id"])
+        if result is not None:
+            states[entry["job_id"]] = "COMPLETED" if result[0] == "success" else "FAILED"
+        else:
+            unresolved.append(entry["job_id"])
+    if unresolved and manifest["cluster"] == "slurm":
+        from submitit.slurm.slurm import SlurmInfoWatcher
+
+        watcher = SlurmInfoWatcher()  # a fresh one: submitit's shared watcher keeps states sacct no longer lists
+        for job_id in unresolved:
+            watcher.register_job(job_id)
+        watcher.update()
+        for job_id in unresolved:
+            states[job_id] = (watcher.get_state(job_id, mode="cache") or "UNKNOWN").split()[0]
+        unknown = [job_id for job_id in unresolved if states[job_id] == "UNKNOWN"]
+        if unknown:  # sacct lags about a second behind slurmctld, and lacks some jobs entirely
+            held = _squeue_states(unknown)
+            states.update({job_id: held.get(job_id, "LOST").split()[0] for job_id in unknown})
+    elif unresolved:  # local: the job's process id
+        for job_id in unresolved:
+            try:
+                os.kill(int(job_id), 0)
+                states[job_id] = "RUNNING"
+            except (OSError, ValueError):
+                states[job_id] = "LOST"
+    return states
+
+
+def status(path):
+    """Refresh and save every point's status and result rows; returns ``(manifest path, manifest)``."""
+    path, manifest = load(path)
+    entries = [e for e in manifest["points"] if e["job_id"]]
+    states = _states(manifest, entries) if entries else {}
+    for entry in manifest["points"]:
+        if entry["job_id"]:
+            entry["status"] = states[entry["job_id"]]
+        entry["rows"] = _rows(entry["run_dir"])
+    save(path, manifest)
+    return path, manifest
+
+
+def failed(manifest):
+    """The points whose job ended without success (or were never submitted)."""
+    return [e for e in manifest["points"] if e["status"] not in ACTIVE | {"COMPLETED"}]
+
+
+def summary(path, manifest):
+    """The status table: one line per point, then counts and the failed points."""
+    points = manifest["points"]
+    width = max(len("point"), *(len(e["name"]) for e in points))
+    job_width = max(len("job"), *(len(e["job_id"] or "-") for e in points))
+    lines = [f"sweep {manifest['sweep_dir']} ({manifest['cluster']}): {len(points)} points",
+             f"{'point':<{width}}  {'job':<{job_width}}  {'state':<13}  {'rows':>5}  run directory"]
+    for e in points:
+        lines.append(f"{e['name']:<{width}}  {e['job_id'] or '-':<{job_width}}  {e['status']:<13}  {e['rows']:>5}  "
+                     f"{e['run_dir']}")
+    done = sum(e["status"] == "COMPLETED" for e in points)
+    bad = failed(manifest)
+    lines.append(f"{done} completed, {len(points) - done - len(bad)} pending or running, {len(bad)} failed")
+    if bad:
+        lines.append("failed: " + ", ".join(f"{e['name']} (job {e['job_id']} {e['status']})" for e in bad))
+        lines.append(f"logs: {manifest['folder']}/<job>_0_log.err; resubmit only these with: "
+                     f"{PROG} --resubmit-failed {path}")
+    return "\n".join(lines)
+
+
+def wait(path, poll_s=POLL_S):
+    """Block until no point is pending or running (tqdm bar); returns ``(manifest path, manifest)``."""
+    from tqdm import tqdm
+
+    path, manifest = status(path)
+    total = len(manifest["points"])
+    with tqdm(total=total, desc="sweep", unit="job", file=sys.stderr) as bar:
+        while True:
+            ended = sum(e["status"] not in ACTIVE for e in manifest["points"])
+            bar.update(ended - bar.n)
+            bar.set_postfix(failed=len(failed(manifest)), refresh=False)
+            if ended == total:
+                break
+            time.sleep(poll_s)
+            path, manifest = status(path)
+    return path, manifest
+
+
+def resubmit_failed(path):
+    """Resubmit only the failed points (one array; each resumes from its run directory); returns them."""
+    path, manifest = status(path)
+    bad = failed(manifest)
+    if not bad:
+        return []
+    parameters = dict(manifest["parameters"])
+    local = manifest["cluster"] == "local"
+    if not local:
+        check_request(parameters)
+    executor = make_executor(manifest["folder"], parameters, local=local)
+    if local:
+        _run_locally(path, manifest, executor, bad, parameters.get("slurm_array_parallelism") or 1)
+    else:
+        _submit_entries(executor, bad)
+    save(path, manifest)
+    return bad
+
+
+# --- the command ----------------------------------------------------------------------------------------
+
+
+def main(argv=None):
+    """The CLI (see the module docstring); returns the manifest path."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if any(a.split("=", 1)[0] in ("--status", "--resubmit-failed") for a in argv):
+        args = _manage_parser().parse_args(argv)
+        path = args.status or args.resubmit_failed
+        with exit_on_error(PROG):
+            if args.resubmit_failed:
+                again = resubmit_failed(path)
+                print(f"resubmitted {len(again)} failed point(s)" + "".join(
+                    f"\n  {e['name']}: job {e['job_id']}" for e in again))
+            path, manifest = wait(path) if args.wait else status(path)
+    else:
+        args = build_parser().parse_args(argv)
+        with exit_on_error(PROG):
+            path = submit(argv)
+            if not args.local:
+                _, manifest = load(path)
+                print(f"submitted {len(manifest['points'])} points as job array "
+                      f"{manifest['points'][0]['job_id'].split('_')[0]}; manifest {path}", flush=True)
+            path, manifest = wait(path) if args.wait else status(path)
+    print(summary(path, manifest))
+    sys.stdout.flush()
+    if (args.wait or getattr(args, "local", False)) and failed(manifest):
+        raise SystemExit(1)
+    return path
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,296 @@
+"""slurm/: one job, a sweep as one job array, requeue with exact resume, several tasks, refusals before submission.
+
+The cluster tests run on a real SLURM (``.ci/slurm_up.sh``: one node, 2 CPUs, 2 fake GPUs, accounting)
+and are skipped when there is none, unless ``SMAT_BENCH_REQUIRE_SLURM=1`` (as in CI), where that is a
+failure. Every job runs the embedded mini benchmark; all share the session's ``SMAT_BENCH_CACHE``.
+"""
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import submitit
+import torch
+
+from registry.errors import DataError
+from slurm import launch, sweep
+from slurm.cluster import executor_parameters, make_executor
+from slurm.job import BenchmarkJob
+
+ROOT = Path(__file__).resolve().parents[2]
+TIMING = ("seconds", "peak_memory_mib")
+SMOKE_SMAT = ["--gin", "methods/smat.gin", "--smoke"]
+ONE_CPU = ["--cpus-per-task", "1"]  # the CI node has 2 CPUs: two jobs at a time
+RESUME = ["--gin", "methods/smat.gin", "--bind", "run.train_episodes = 48", "--bind", "run.checkpoint_every = 2",
+          "--bind", "run.valid_every = 3", "--bind", "run.test_episodes = 2"]  # 12 meta-updates of 4 tasks
+
+
+def rows(run_dir):
+    path = Path(run_dir) / "episodes.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def strip(run_rows):
+    return [{k: v for k, v in r.items() if k not in TIMING} for r in run_rows]
+
+
+def cli(module, *args, timeout=300):
+    """``python -m MODULE ARGS`` in a subprocess (a hung wait fails the test instead of hanging it)."""
+    return subprocess.run([sys.executable, "-m", module, *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+# --- the cluster ----------------------------------------------------------------------------------------
+
+
+def _cluster_problem():
+    if shutil.which("sbatch") is None:
+        return "no SLURM here (sbatch not found); start one with `bash .ci/slurm_up.sh`"
+    state = subprocess.run(["sinfo", "-h", "-o", "%t"], capture_output=True, text=True)
+    if state.returncode != 0 or not set(state.stdout.split()) & {"idle", "mix", "alloc"}:
+        return f"SLURM is installed but no node is up (sinfo: {(state.stdout + state.stderr).strip()!r})"
+    return None
+
+
+@pytest.fixture(scope="module")
+def cluster(bench_cache):
+    """A running SLURM with the mini benchmark and its pre-trained backbone already in the shared cache."""
+    problem = _cluster_problem()
+    if problem:
+        if os.environ.get("SMAT_BENCH_REQUIRE_SLURM") == "1":
+            pytest.fail(f"SMAT_BENCH_REQUIRE_SLURM=1 but {problem}")
+        pytest.skip(problem)
+    import gin
+
+    from benchmark.run import build, parse_config
+
+    build(parse_config(["methods/pre.gin"], []))  # generate md_mini and pre-train its ViT once, not in every job
+    gin.clear_config()
+    return os.environ["SMAT_BENCH_CACHE"]
+
+
+def all_job_ids():
+    result = subprocess.run(["sacct", "-a", "-X", "-n", "-P", "-o", "JobID", "-S", "2000-01-01"],
+                            capture_output=True, text=True, check=True)
+    return set(result.stdout.split())
+
+
+def sacct_state(job):
+    deadline = time.time() + 30
+    while time.time() < deadline:  # sacct lags the job by about a second
+        state = job.get_info(mode="force").get("State", "UNKNOWN")
+        if state not in ("UNKNOWN", "PENDING", "RUNNING", "COMPLETING"):
+            return state
+        time.sleep(0.5)
+    return state
+
+
+@pytest.fixture(scope="module")
+def single_smat(cluster, tmp_path_factory):
+    """One smoke SMAT job on one task: the reference of the several-task test too."""
+    out = tmp_path_factory.mktemp("single") / "run"
+    job = launch.main([*SMOKE_SMAT, *ONE_CPU, "--out", str(out)])
+    assert job.result() == str(out)
+    return job, out
+
+
+# --- no cluster needed ----------------------------------------------------------------------------------
+
+
+def test_local_launch_runs_the_job_on_this_machine_without_a_cluster(tmp_path, mini_root, capsys):
+    out = tmp_path / "run"
+    job = launch.main(["--gin", "methods/pre.gin", "--smoke", "--out", str(out), "--local", "--wait"])
+    printed = capsys.readouterr().out
+    assert isinstance(job, submitit.LocalJob) and f"run directory: {out}" in printed and "done" in printed
+    assert len(rows(out)) == 6 * 2 and all(r["smoke"] for r in rows(out))
+    assert Path(job.paths.stdout).parent == out / "submitit"
+
+
+def test_checkpoint_requeues_a_fresh_job_with_the_same_command():
+    argv = ["--gin", "methods/smat.gin", "--out", "/runs/x"]
+    job = BenchmarkJob()
+    delayed = job.checkpoint(argv)
+    assert isinstance(delayed, submitit.helpers.DelayedSubmission)
+    assert isinstance(delayed.function, BenchmarkJob) and delayed.function is not job and delayed.args == (argv,)
+
+
+def test_cluster_defaults_come_first_and_the_callers_options_last():
+    defaults = executor_parameters()
+    assert defaults["slurm_signal_delay_s"] == 120 and defaults["slurm_max_num_timeout"] == 30
+    assert defaults["tasks_per_node"] == 1 and "gpus_per_node" not in defaults  # never --gpus-per-node=0
+    gpus = executor_parameters(gpus_per_node=2, timeout_min=7, slurm_signal_delay_s=30)
+    assert (gpus["tasks_per_node"], gpus["gpus_per_node"], gpus["timeout_min"], gpus["slurm_signal_delay_s"]) == (
+        2, 2, 7, 30)
+    assert executor_parameters(gpus_per_node=2, tasks_per_node=1)["tasks_per_node"] == 1
+
+
+def test_generic_options_stay_generic_and_free_options_are_prefixed():
+    args = launch.build_parser().parse_args([
+        "--gin", "methods/smat.gin", "--partition", "p", "--gpus-per-node", "2", "--cpus-per-task", "3",
+        "--mem-gb", "16", "--timeout-min", "90", "--account", "a", "--qos", "q", "--constraint", "c",
+        "--slurm", "exclusive=True", "--slurm", "comment=smat run", "--slurm", "signal_delay_s=60"])
+    params = launch.parameters_from_args(args)
+    assert params["slurm_partition"] == "p" and params["slurm_account"] == "a" and params["slurm_qos"] == "q"
+    assert params["slurm_constraint"] == "c" and params["slurm_exclusive"] is True
+    assert params["slurm_comment"] == "smat run" and params["slurm_signal_delay_s"] == 60  # --slurm is applied last
+    assert (params["gpus_per_node"], params["tasks_per_node"], params["cpus_per_task"], params["mem_gb"],
+            params["timeout_min"]) == (2, 2, 3, 16, 90)
+    make_executor("unused", params, local=True)  # submitit accepts every name
+
+
+def test_an_unknown_slurm_option_is_refused_with_submitits_list():
+    with pytest.raises(DataError, match="Unknown argument 'bogus'.*Valid arguments:.*partition"):
+        make_executor("unused", executor_parameters(slurm_bogus=1), local=True)
+
+
+def test_every_run_option_passes_through_to_the_job_unchanged():
+    argv = ["--gin", "a.gin", "--partition", "debug", "--bind", "x.y = -1", "--stage", "eval", "--smoke",
+            "--checkpoint", "c.pt", "--adapt", "protonet,full", "--slurm", "qos=high", "--out", "r", "--local"]
+    assert launch.run_argv(argv, launch.cluster_parser()) == [
+        "--gin", "a.gin", "--bind", "x.y = -1", "--stage", "eval", "--smoke", "--checkpoint", "c.pt",
+        "--adapt", "protonet,full"]
+
+
+def test_grid_points_are_the_cartesian_product_with_readable_names():
+    grid = sweep.parse_grid(["smat.target_sparsity=[0.5, 0.7]", "smat.num_experts=[4, 8, 16]",
+                             "gin=[methods/pmf.gin, methods/smat.gin]"])
+    points = sweep.points_of(grid)
+    assert len(points) == 12 and points[0] == {"smat.target_sparsity": 0.5, "smat.num_experts": 4,
+                                               "gin": "methods/pmf.gin"}
+    assert sweep.point_name(points[0], grid) == "target_sparsity=0.5,num_experts=4,gin=pmf"
+    assert len({sweep.point_name(p, grid) for p in points}) == 12
+    clash = sweep.parse_grid(["pmf.lr=[0.1]", "smat.lr=[0.2]"])
+    assert sweep.point_name(sweep.points_of(clash)[0], clash) == "pmf.lr=0.1,smat.lr=0.2"
+    for bad in ["smat.num_experts", "smat.num_experts=4", "smat.num_experts=[]", "x=[1, 1]"]:
+        with pytest.raises(DataError, match="--grid"):
+            sweep.parse_grid([bad])
+
+
+# --- on the cluster -------------------------------------------------------------------------------------
+
+
+def test_one_job_runs_on_the_cluster_and_writes_its_results(single_smat):
+    job, out = single_smat
+    written = rows(out)
+    assert len(written) == 6 * 2 and all(r["smoke"] and r["method"] == "smat" for r in written)
+    assert sacct_state(job) == "COMPLETED"
+    assert Path(job.paths.stdout).exists() and (out / "submitit").is_dir()
+
+
+def test_bad_requests_are_refused_before_anything_is_submitted(cluster, tmp_path, capsys):
+    before = all_job_ids()
+    cases = [
+        (launch.main, [*SMOKE_SMAT, "--partition", "nope"], "--partition nope: no such partition"),
+        (launch.main, [*SMOKE_SMAT, "--gpus-per-node", "3", *ONE_CPU], "--gpus-per-node 3: partition debug has no node"),
+        (launch.main, [*SMOKE_SMAT, "--bind", "smat.num_expert = 4"], "doesn't have a parameter named 'num_expert'"),
+        (sweep.main, [*SMOKE_SMAT, "--grid", "smat.num_expert=[4, 8]"], "doesn't have a parameter named 'num_expert'"),
+        (sweep.main, [*SMOKE_SMAT, "--grid", "smat.num_experts=[4, 8]", "--partition", "nope"], "no such partition"),
+        (sweep.main, [*SMOKE_SMAT, "--grid", "smat.num_experts=[4, 8]", "--gpus-per-node", "9"], "has no node with 9"),
+    ]
+    for i, (main, argv, message) in enumerate(cases):
+        out = tmp_path / f"case{i}"
+        with pytest.raises(SystemExit) as exit_info:
+            main([*argv, "--out", str(out)])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert exit_info.value.code == 2 and err[-1].startswith("python -m slurm.") and message in err[-1], err
+        assert not out.exists()
+    time.sleep(1)
+    assert all_job_ids() == before
+
+
+def test_a_sweep_is_one_array_with_a_manifest_and_only_failed_points_are_resubmitted(cluster, tmp_path, capsys):
+    """2 × 2 grid as one array; cancel one element; --status --wait names it; --resubmit-failed runs only it."""
+    sweep_dir = tmp_path / "sweep"
+    manifest_path = sweep.main([*SMOKE_SMAT, *ONE_CPU, "--grid", "smat.target_sparsity=[0.5, 0.9]",
+                                "--grid", "smat.num_experts=[2, 4]", "--array-parallelism", "2",
+                                "--out", str(sweep_dir)])
+    manifest = json.loads(manifest_path.read_text())
+    ids = [p["job_id"] for p in manifest["points"]]
+    array = ids[0].split("_")[0]
+    assert ids == [f"{array}_{i}" for i in range(4)], ids  # one job array
+    capsys.readouterr()
+    subprocess.run(["scancel", ids[3]], check=True)  # the last point never gets to run
+
+    waited = cli("slurm.sweep", "--status", str(manifest_path), "--wait")
+    last = "target_sparsity=0.9,num_experts=4"
+    assert waited.returncode == 1, waited.stderr  # --wait: 1 when a point failed
+    assert "3 completed, 0 pending or running, 1 failed" in waited.stdout and "sweep: 100%" in waited.stderr
+    # a pending array element that is cancelled leaves no accounting record: LOST, unless sacct saw it
+    assert re.search(rf"failed: {re.escape(last)} \(job {ids[3]} (CANCELLED|LOST)\)", waited.stdout), waited.stdout
+    assert f"--resubmit-failed {manifest_path}" in waited.stdout
+
+    again = cli("slurm.sweep", "--resubmit-failed", str(sweep_dir), "--wait")
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert "resubmitted 1 failed point(s)" in again.stdout
+    assert "4 completed, 0 pending or running, 0 failed" in again.stdout
+    manifest = json.loads(manifest_path.read_text())
+    for point, old in zip(manifest["points"], ids):
+        assert point["status"] == "COMPLETED" and point["rows"] == 12 and len(rows(point["run_dir"])) == 12
+        assert Path(point["run_dir"]).parent == sweep_dir and Path(point["run_dir"]).name == point["name"]
+        assert point["jobs"][0] == old and (len(point["jobs"]) == 2) == (old == ids[3])
+    assert [p["name"] for p in manifest["points"]] == [
+        "target_sparsity=0.5,num_experts=2", "target_sparsity=0.5,num_experts=4",
+        "target_sparsity=0.9,num_experts=2", last]
+    configs = {p["name"]: (Path(p["run_dir"]) / "config.gin").read_text() for p in manifest["points"]}
+    assert "smat.num_experts = 4" in configs[last] and "smat.target_sparsity = 0.9" in configs[last]
+
+    sweep.main(["--status", str(manifest_path)])
+    table = capsys.readouterr().out
+    assert table.count("COMPLETED") == 4 and all(p["name"] in table for p in manifest["points"])
+
+
+def test_a_preempted_job_requeues_and_resumes_to_the_uninterrupted_result(cluster, tmp_path, capsys):
+    whole = launch.main([*RESUME, *ONE_CPU, "--out", str(tmp_path / "whole")])
+    interrupted = launch.main([*RESUME, *ONE_CPU, "--out", str(tmp_path / "interrupted")])
+    last = tmp_path / "interrupted" / "checkpoints" / "last.pt"
+    deadline = time.time() + 300
+    while time.time() < deadline and not interrupted.done():
+        if last.exists() and torch.load(last, weights_only=True)["step"] >= 2:
+            break
+        time.sleep(0.2)
+    assert not interrupted.done(), "the job ended before it could be interrupted"
+    subprocess.run(["scancel", "--signal=USR2", interrupted.job_id], check=True)  # SLURM's warning / preemption
+    signalled_at = torch.load(last, weights_only=True)["step"]
+
+    assert interrupted.result() == str(tmp_path / "interrupted") and whole.result() == str(tmp_path / "whole")
+    log = Path(interrupted.paths.stderr).read_text() + Path(interrupted.paths.stdout).read_text()
+    assert f"Requeued job {interrupted.job_id}" in log and re.search(r"resuming .* at meta-update \d+/12", log)
+    assert signalled_at < 12
+    assert strip(rows(tmp_path / "interrupted")) == strip(rows(tmp_path / "whole")) and len(rows(tmp_path / "whole")) == 12
+    a = torch.load(last, weights_only=True)
+    b = torch.load(tmp_path / "whole" / "checkpoints" / "last.pt", weights_only=True)
+    assert a["step"] == b["step"] == 12
+    for name, tensor in b["model"].items():
+        assert torch.equal(tensor, a["model"][name]), name
+    steps = [json.loads(line)["step"] for line in (last.parent.parent / "metrics.jsonl").read_text().splitlines()
+             if json.loads(line)["kind"] == "train"]
+    assert steps == list(range(1, 13))
+
+
+def test_two_tasks_on_the_fake_gpus_give_the_single_task_results(single_smat, tmp_path, capsys):
+    """--gpus-per-node 2: two processes (gloo on this CPU node) share each meta-update and the episodes."""
+    _, single = single_smat
+    out = tmp_path / "two"
+    job = launch.main([*SMOKE_SMAT, *ONE_CPU, "--gpus-per-node", "2", "--out", str(out)])
+    assert "2 tasks, 2 GPUs" in capsys.readouterr().out
+    assert job.results() == [str(out), str(out)]
+    for rank in (0, 1):
+        assert f"global_rank={rank}(2)" in Path(job.paths.stderr).with_name(f"{job.job_id}_{rank}_log.err").read_text()
+    one, two = strip(rows(single)), strip(rows(out))
+    key = lambda r: (r["adaptation"], r["source"], r["episode"])  # noqa: E731
+    assert sorted(map(key, two)) == sorted(map(key, one)) and len(set(map(key, two))) == len(two)  # once each
+    by_key = {key(r): r for r in one}
+    for row in two:
+        ref = by_key[key(row)]
+        for name in ("run_id", "config_hash", "ways", "support", "query", "split", "seed", "role"):
+            assert row[name] == ref[name], (key(row), name)
+        assert abs(row["accuracy"] - ref["accuracy"]) <= 1 / row["query"] + 1e-6, key(row)  # one query at most
+    first = lambda run: json.loads((run / "metrics.jsonl").read_text().splitlines()[0])  # noqa: E731
+    assert first(out)["step"] == first(single)["step"] == 1
+    assert first(out)["loss"] == pytest.approx(first(single)["loss"], rel=1e-5)  # the same 4 tasks, all gathered
