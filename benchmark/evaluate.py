@@ -43,9 +43,12 @@ def _accuracy(predictions, labels):
     return float((predictions.cpu() == labels.cpu()).float().mean())
 
 
-def adapt_and_score(method, adapter, episode, lr, device):
-    """(accuracy, seconds, peak MiB or None) of one adapted episode; randomness seeded by its identity."""
-    task = Task.from_episode(episode, device)
+def adapt_and_score(method, adapter, episode, lr, device, task=None):
+    """(accuracy, seconds, peak MiB or None) of one adapted episode; randomness seeded by its identity.
+
+    ``task`` is the episode already on ``device``, when the caller has it.
+    """
+    task = task if task is not None else Task.from_episode(episode, device)
     cuda = torch.device(device).type == "cuda"
     if cuda:
         torch.cuda.synchronize(device)
@@ -132,8 +135,8 @@ def evaluate(method, data, adapters, store, run_info, device="cpu", lr_grid=DEFA
                 row = None
                 if start + rank < len(todo):
                     episode = next(loader)
-                    accuracy, seconds, peak = adapt_and_score(method, adapter, episode, lr, device)
                     task = Task.from_episode(episode, device)
+                    accuracy, seconds, peak = adapt_and_score(method, adapter, episode, lr, device, task)
                     row = {
                         **method.describe_task(task.support_x, task.support_y, task.ways),
                         **run_info, "adaptation": adapter_name, "benchmark": bench.name, "source": source.name,

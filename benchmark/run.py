@@ -153,8 +153,8 @@ def build(config, out=None):
                                             "cpu" if config.device == "auto" else config.device))
     weights = config.weights_file
     if weights is None and config.pretrain_steps > 0:
-        if distributed.is_main():  # one process pre-trains (and caches); the others wait for the file
-            weights = pretrained_weights(data, config.backbone, config.pretrain_steps)
+        if distributed.is_main():  # one process pre-trains and caches; the others then find the file
+            pretrained_weights(data, config.backbone, config.pretrain_steps)
         distributed.barrier()
         weights = pretrained_weights(data, config.backbone, config.pretrain_steps)
     torch.manual_seed(config.seed)  # the same initialisation in every process

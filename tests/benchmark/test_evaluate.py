@@ -80,7 +80,7 @@ def test_lr_search_uses_valid_episodes_or_a_separate_test_stream(data):
 
 def test_lr_search_picks_the_best_grid_value_and_keeps_it(data, tmp_path, monkeypatch):
     scores = {0.0: 0.3, 1e-3: 0.7, 1e-2: 0.7}  # a tie goes to the smaller lr
-    monkeypatch.setattr(evaluation, "adapt_and_score", lambda m, a, e, lr, d: (scores[lr], 0.0, None))
+    monkeypatch.setattr(evaluation, "adapt_and_score", lambda m, a, e, lr, d, task=None: (scores[lr], 0.0, None))
     cache = tmp_path / "lr_search.json"
     lr, basis = choose_lr(None, "full", data, "mini_shapes", (0.0, 1e-3, 1e-2), 2, "cpu", cache)
     assert lr == 1e-3 and "valid split" in basis
