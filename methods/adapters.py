@@ -12,7 +12,9 @@ method's task model for that task, so nothing carries over between episodes:
   query and value projections of every block, through ``peft``, with the same protocol on the LoRA
   parameters only. timm fuses q, k and v into one ``attn.qkv`` Linear; `split_qkv` replaces it by
   three Linears holding the row blocks [q; k; v] of its weight and bias, whose outputs are
-  concatenated — the same function — so that peft can target ``q`` and ``v`` alone.
+  concatenated — the same function — so that peft can target ``q`` and ``v`` alone. The wrapped
+  architecture is built once per backbone and called functionally with θ_i and the task's LoRA
+  tensors (A drawn from the episode's generator as peft draws it, B = 0), so no model is copied per task.
 * ``gradient_free`` (SMAT, paper Alg. 2): binary expert selection by forward passes only. Start from
   α' = round(σ(ℓ/T)); for R rounds and each expert m, flip α'_m, renormalise, and score the support
   cross-entropy; a candidate that lowers the current loss is accepted with probability ρ, one that
@@ -30,15 +32,17 @@ episode's generator, so an adapted episode is reproducible.
 
 import copy
 import hashlib
+import re
+import weakref
 
 import gin
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from methods.base import autocast, cosine_logits, forward_features, prototypes
+from methods.base import autocast, cosine_logits, forward_features, prototypes, support_query_features
 
-__all__ = ["ADAPTERS", "get_adapter", "augment_support", "split_qkv", "searches_lr", "seeded_generator"]
+__all__ = ["ADAPTERS", "get_adapter", "augment_support", "translate", "split_qkv", "searches_lr", "seeded_generator"]
 
 
 def augment_support(x, generator, probability=0.9):
@@ -54,18 +58,31 @@ def augment_support(x, generator, probability=0.9):
     x = (x - mean) * (draw(n, 1, 1, 1) * 2) + mean
     mean = x.mean((1, 2, 3), keepdim=True)
     x = (x - mean) * (draw(n, 1, 1, 1) + 0.5) + mean
-    h, w = x.shape[-2:]
-    shift_h, shift_w = int(h * 0.125 + 0.5), int(w * 0.125 + 0.5)
-    dy = torch.randint(-shift_h, shift_h + 1, (n,), generator=generator).tolist()
-    dx = torch.randint(-shift_w, shift_w + 1, (n,), generator=generator).tolist()
+    return translate(x, generator)
+
+
+def translate(x, generator, fraction=0.125):
+    """Shift each image of ``x`` by its own integer (dy, dx), |dy| ≤ round(fraction·H), |dx| ≤ round(fraction·W), zero-filled.
+
+    out[i, :, r, c] = x[i, :, r − dy_i, c − dx_i] where that pixel exists, else 0; one gather for the batch.
+    """
+    n, _, h, w = x.shape
+    shift_h, shift_w = int(h * fraction + 0.5), int(w * fraction + 0.5)
+    dy = torch.randint(-shift_h, shift_h + 1, (n,), generator=generator).to(x.device)
+    dx = torch.randint(-shift_w, shift_w + 1, (n,), generator=generator).to(x.device)
     padded = F.pad(x, (shift_w, shift_w, shift_h, shift_h))
-    return torch.stack([padded[i, :, shift_h - dy[i]: shift_h - dy[i] + h, shift_w - dx[i]: shift_w - dx[i] + w]
-                        for i in range(n)])
+    rows = (torch.arange(h, device=x.device) + shift_h - dy[:, None])[:, None, :, None]  # n × 1 × h × 1
+    cols = (torch.arange(w, device=x.device) + shift_w - dx[:, None])[:, None, None, :]  # n × 1 × 1 × w
+    batch = torch.arange(n, device=x.device)[:, None, None, None]
+    channel = torch.arange(x.shape[1], device=x.device)[None, :, None, None]
+    return padded[batch, channel, rows, cols]
 
 
 def _finetune(parameters, loss_of, lr, steps):
     """``steps`` Adam steps on ``parameters`` minimising ``loss_of(step)``."""
-    optimizer = torch.optim.Adam(parameters, lr=lr, betas=(0.9, 0.999), weight_decay=0.0)
+    parameters = list(parameters)
+    fused = all(p.device.type == "cuda" for p in parameters)  # one kernel per step for all tensors
+    optimizer = torch.optim.Adam(parameters, lr=lr, betas=(0.9, 0.999), weight_decay=0.0, fused=fused or None)
     for step in range(steps):
         optimizer.zero_grad(set_to_none=True)
         loss_of(step).backward()
@@ -81,9 +98,10 @@ def _support_loss(features_of, task, generator, scale, bias):
 
 
 def _predict(features_of, task, scale, bias):
+    """Query predictions of the cosine ProtoNet head; support and query in one forward pass."""
     with torch.no_grad():
-        head = prototypes(features_of(task.support_x), task.support_y, task.ways)
-        return cosine_logits(features_of(task.query_x), head, scale, bias).argmax(-1)
+        support, query = support_query_features(features_of, task.support_x, task.query_x)
+        return cosine_logits(query, prototypes(support, task.support_y, task.ways), scale, bias).argmax(-1)
 
 
 def protonet(method, task, lr, generator):
@@ -133,32 +151,73 @@ def split_qkv(model):
     return model
 
 
+class _LoRABackbone:
+    """A backbone's architecture with split qkv and LoRA (peft) on the q and v projections, built once.
+
+    Its own weights are never used: `features` calls it functionally with a task's θ_i (the rows of
+    θ_i's fused ``qkv`` tensors are views for ``q``, ``k`` and ``v``) and that task's LoRA tensors, so
+    adapting a task copies no model.
+    """
+
+    _QKV = re.compile(r"(.*\.attn\.qkv)\.([qkv])\.(weight|bias)")
+
+    def __init__(self, backbone, rank, alpha, dropout):
+        from peft import LoraConfig, inject_adapter_in_model
+
+        config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, bias="none",
+                            target_modules=r".*attn\.qkv\.(q|v)")
+        self.module = inject_adapter_in_model(config, split_qkv(copy.deepcopy(backbone))).eval().requires_grad_(False)
+        self.lora_shapes = {n: p.shape for n, p in self.module.named_parameters() if "lora_" in n}
+        self.theta_of = {}  # module parameter -> (θ name, row block of the fused qkv or None)
+        for name, _ in self.module.named_parameters():
+            if name not in self.lora_shapes:
+                plain = name.replace(".base_layer", "")
+                fused = self._QKV.fullmatch(plain)
+                self.theta_of[name] = (f"{fused[1]}.{fused[3]}", "qkv".index(fused[2])) if fused else (plain, None)
+
+    def fresh_lora(self, generator, device):
+        """LoRA tensors as peft initialises them (A ~ kaiming-uniform(√5) = U(±1/√fan_in), B = 0), drawn from ``generator``."""
+        lora = {}
+        for name, shape in self.lora_shapes.items():
+            tensor = torch.zeros(shape)
+            if "lora_A" in name:
+                bound = 1.0 / shape[1] ** 0.5
+                tensor.uniform_(-bound, bound, generator=generator)
+            lora[name] = tensor.to(device).requires_grad_()
+        return lora
+
+    def features(self, theta, lora, x):
+        """CLS features (fp32) of ``x`` under θ_i (name -> tensor of the original backbone) plus ``lora``."""
+        params = dict(lora)
+        for name, (theta_name, block) in self.theta_of.items():
+            tensor = theta[theta_name]
+            params[name] = tensor if block is None else tensor.chunk(3)[block]
+        return forward_features(self.module, params, x)
+
+
+_LORA_BACKBONES = weakref.WeakKeyDictionary()  # backbone -> {(rank, alpha, dropout): _LoRABackbone}
+
+
 @gin.configurable("lora", module="methods")
 def lora(method, task, lr, generator, steps=50, rank=8, alpha=32, dropout=0.1):
     """LoRA on the q and v projections of θ_i (peft), fine-tuned like ``full`` on its own parameters."""
-    from peft import LoraConfig, inject_adapter_in_model
-
     model = method.task_model(task.support_x, task.support_y, task.ways)
     if lr == 0 or steps == 0:
         return model.predict(task.query_x)
-    backbone = copy.deepcopy(method.backbone)
-    with torch.no_grad():
-        for name, p in backbone.named_parameters():
-            p.copy_(model.params[name])
-    backbone.requires_grad_(False)
-    split_qkv(backbone)
-    config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, bias="none",
-                        target_modules=r".*attn\.qkv\.(q|v)")
-    backbone = inject_adapter_in_model(config, backbone).eval()
-    lora_params = [p for n, p in backbone.named_parameters() if "lora_" in n]
-    for p in lora_params:
-        p.requires_grad_(True)
+    built = _LORA_BACKBONES.setdefault(method.backbone, {})
+    key = (rank, alpha, dropout)
+    if key not in built:
+        built[key] = _LoRABackbone(method.backbone, rank, alpha, dropout)
+    lora_backbone = built[key]
+    theta = {n: p.detach() for n, p in model.params.items()}
+    lora_params = lora_backbone.fresh_lora(generator, task.support_x.device)
 
     def features_of(x):
         with autocast(task.support_x.device):
-            return backbone(x).float()
+            return lora_backbone.features(theta, lora_params, x)
 
-    _finetune(lora_params, lambda _: _support_loss(features_of, task, generator, model.scale, model.bias), lr, steps)
+    _finetune(list(lora_params.values()),
+              lambda _: _support_loss(features_of, task, generator, model.scale, model.bias), lr, steps)
     return _predict(features_of, task, model.scale, model.bias)
 
 
@@ -198,10 +257,12 @@ def gradient_free(method, task, lr, generator, rounds=6, accept_probability=0.9)
                 if loss < best_loss:
                     best, best_loss = candidate.clone(), loss
         params = params_of(best)
-        with autocast(task.support_x.device):
-            head = prototypes(forward_features(method.backbone, params, task.support_x), task.support_y, task.ways)
-            query = forward_features(method.backbone, params, task.query_x)
-        return cosine_logits(query, head).argmax(-1)
+
+        def features_of(x):
+            with autocast(task.support_x.device):
+                return forward_features(method.backbone, params, x)
+
+        return _predict(features_of, task, 10.0, 0.0)
 
 
 @gin.configurable("full_joint", module="methods")

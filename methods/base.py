@@ -29,7 +29,8 @@ from torch.func import functional_call
 
 from benchmark.distributed import gather_objects, sum_gradients
 
-__all__ = ["Method", "Task", "TaskModel", "prototypes", "cosine_logits", "autocast", "forward_features", "query_metrics"]
+__all__ = ["Method", "Task", "TaskModel", "prototypes", "cosine_logits", "autocast", "forward_features", "query_metrics",
+           "support_query_features"]
 
 
 @dataclass
@@ -72,8 +73,25 @@ def cosine_logits(features, class_prototypes, scale=10.0, bias=0.0):
     return scale * (cos + bias)
 
 
+def support_query_features(features_of, support_x, query_x):
+    """(support features, query features) from one forward pass over both sets.
+
+    ``features_of(x)`` maps a batch to features; when ``query_x is support_x`` (no meta split) the
+    batch is passed once and both results are the same tensor.
+    """
+    if query_x is support_x:
+        features = features_of(support_x)
+        return features, features
+    features = features_of(torch.cat([support_x, query_x]))
+    return features[: len(support_x)], features[len(support_x):]
+
+
 class TaskModel:
     """A task-specific model: backbone parameters θ_i (a dict for ``functional_call``) and a ProtoNet head.
+
+    `fit` records the support set; the prototypes are computed when first needed, and the first
+    `logits` call computes them in the same forward pass as its queries (support and query in one
+    batch), so a ProtoNet prediction costs one pass.
 
     Args:
         backbone: the timm module whose parameter names ``params`` uses.
@@ -83,7 +101,8 @@ class TaskModel:
 
     def __init__(self, backbone, params, scale=10.0, bias=0.0):
         self.backbone, self.params, self.scale, self.bias = backbone, params, scale, bias
-        self.prototypes = None
+        self._support = None
+        self._prototypes = None
 
     @property
     def device(self):
@@ -94,14 +113,28 @@ class TaskModel:
             return forward_features(self.backbone, self.params if params is None else params, x)
 
     def fit(self, support_x, support_y, ways):
-        """Set the prototypes from the support set; returns ``self``."""
-        with torch.no_grad():
-            self.prototypes = prototypes(self.features(support_x), support_y, ways)
+        """Set the ProtoNet head's support set; returns ``self``."""
+        self._support, self._prototypes = (support_x, support_y, ways), None
         return self
+
+    @property
+    def prototypes(self):
+        """Class means of the support features (``ways × D``)."""
+        if self._prototypes is None:
+            support_x, support_y, ways = self._support
+            with torch.no_grad():
+                self._prototypes = prototypes(self.features(support_x), support_y, ways)
+        return self._prototypes
 
     def logits(self, x):
         with torch.no_grad():
-            return cosine_logits(self.features(x), self.prototypes, self.scale, self.bias)
+            if self._prototypes is None:
+                support_x, support_y, ways = self._support
+                support, query = support_query_features(self.features, support_x, x)
+                self._prototypes = prototypes(support, support_y, ways)
+            else:
+                query = self.features(x)
+            return cosine_logits(query, self._prototypes, self.scale, self.bias)
 
     def predict(self, x):
         return self.logits(x).argmax(-1)

@@ -1,12 +1,19 @@
 """Experts in parameter space: hard-concrete masks and dense deltas, merged into a task's θ_i.
 
+Every expert tensor lives in one flat vector (`ParameterLayout`): the deltas are one ``N`` (shared)
+or ``N × M`` (one per expert) parameter and the mask logits one ``N × M`` parameter, N being the
+number of elements of all tensors with experts. So sampling the gates and merging are a handful of
+tensor operations over the whole backbone, not a Python loop over its tensors.
+
 **Merge.** For every backbone tensor p that has experts, with merging weights α ∈ R^M,
 
     interpolated experts (one shared δ):  θ_i[p] = θ_pre[p] + δ[p] ⊙ Σ_m α_m z_m[p]      (paper Eq. 1, 7)
     separate experts (one δ_m per expert): θ_i[p] = θ_pre[p] + Σ_m α_m (z_m[p] ⊙ δ_m[p])
 
-with z_m ≡ 1 when the experts have no masks. Tensors without experts stay θ_pre. The result is a
-name -> tensor dict for ``torch.func.functional_call``: no copy of the model is made.
+with z_m ≡ 1 when the experts have no masks. Over the flat vector, Σ_m α_m z_m is one matrix-vector
+product Z α (Z = N × M). Tensors without experts stay θ_pre. The result is a name -> tensor dict for
+``torch.func.functional_call``: no copy of the model is made. The merge runs in fp32 (outside any
+autocast), so bf16 training changes the forward passes, not θ_i.
 
 **Hard-concrete masks** (Louizos et al., 2018), one gate per element per expert, with log α the
 location, β = 2/3 the temperature and (γ, ζ) = (−0.1, 1.1) the stretch:
@@ -25,7 +32,7 @@ import math
 import torch
 import torch.nn as nn
 
-__all__ = ["HardConcreteMasks", "ExpertDeltas", "expert_parameter_names"]
+__all__ = ["ParameterLayout", "HardConcreteMasks", "ExpertDeltas", "expert_parameter_names"]
 
 GAMMA, ZETA, BETA = -0.1, 1.1, 2.0 / 3.0
 
@@ -40,38 +47,52 @@ def expert_parameter_names(backbone, where="all"):
     raise ValueError(f"experts where={where!r}: choose 'all' or 'mlp'")
 
 
-class HardConcreteMasks(nn.Module):
-    """M hard-concrete gates per element of each tensor in ``shapes`` (log α init N(0, init_std²)).
+class ParameterLayout:
+    """Named tensors laid end to end in one flat vector: tensor k is ``flat[start_k : start_k + numel_k]``.
 
     Args:
-        shapes: [tensor shape], in the order the deltas use.
+        names: tensor names, in layout order.
+        shapes: their shapes.
+    """
+
+    def __init__(self, names, shapes):
+        self.names, self.shapes = list(names), [tuple(s) for s in shapes]
+        self.sizes = [math.prod(s) for s in self.shapes]
+        self.numel = sum(self.sizes)
+
+    def split(self, flat):
+        """Views of ``flat`` (``N × ...``) as the layout's tensors (``shape_k × ...``), in layout order."""
+        trailing = flat.shape[1:]
+        return [part.view(*shape, *trailing) for part, shape in zip(flat.split(self.sizes), self.shapes)]
+
+
+class HardConcreteMasks(nn.Module):
+    """M hard-concrete gates per element of an ``N``-element layout (log α init N(0, init_std²)).
+
+    Args:
+        numel: N, the number of gated elements.
         num_experts: M.
         init_std: standard deviation of the initial log α (0.5 in the official code).
     """
 
-    def __init__(self, shapes, num_experts, init_std=0.5):
+    def __init__(self, numel, num_experts, init_std=0.5):
         super().__init__()
-        self.log_alpha = nn.ParameterList(
-            [nn.Parameter(torch.randn(*shape, num_experts) * init_std) for shape in shapes]
-        )
-        self.numel = sum(math.prod(shape) for shape in shapes)
+        self.numel = numel
+        self.log_alpha = nn.Parameter(torch.randn(numel, num_experts) * init_std)
 
     def sample(self, training):
-        """[z] with z of shape ``(*p.shape, M)``: noisy gates in training, deterministic at evaluation."""
-        gates = []
-        for log_alpha in self.log_alpha:
-            if training:
-                u = torch.rand_like(log_alpha).clamp(1e-6, 1 - 1e-6)
-                s = torch.sigmoid((torch.log(u) - torch.log1p(-u) + log_alpha) / BETA)
-            else:
-                s = torch.sigmoid(log_alpha)
-            gates.append((s * (ZETA - GAMMA) + GAMMA).clamp(0.0, 1.0))
-        return gates
+        """The gates Z (``N × M``): noisy in training, deterministic at evaluation."""
+        log_alpha = self.log_alpha
+        if training:
+            u = torch.rand_like(log_alpha).clamp_(1e-6, 1 - 1e-6)
+            s = torch.sigmoid((torch.log(u) - torch.log1p(-u) + log_alpha) / BETA)
+        else:
+            s = torch.sigmoid(log_alpha)
+        return (s * (ZETA - GAMMA) + GAMMA).clamp(0.0, 1.0)
 
     def nonzero_probability_sums(self):
         """(M,) Σ over elements of P(z ≠ 0): the expected L0 norm of each expert (differentiable)."""
-        shift = BETA * math.log(-GAMMA / ZETA)
-        return sum(torch.sigmoid(la - shift).reshape(-1, la.shape[-1]).sum(0) for la in self.log_alpha)
+        return torch.sigmoid(self.log_alpha - BETA * math.log(-GAMMA / ZETA)).sum(0)
 
     def expected_sparsity(self):
         """(M,) 1 − E[L0] / N per expert."""
@@ -81,8 +102,7 @@ class HardConcreteMasks(nn.Module):
     def l0_sparsity(self):
         """(M,) fraction of exactly-zero gates of the deterministic (evaluation) masks."""
         with torch.no_grad():
-            zeros = sum((z == 0).reshape(-1, z.shape[-1]).sum(0) for z in self.sample(training=False))
-            return zeros.float() / self.numel
+            return (self.sample(training=False) == 0).sum(0).float() / self.numel
 
 
 class ExpertDeltas(nn.Module):
@@ -92,27 +112,32 @@ class ExpertDeltas(nn.Module):
         backbone: the timm module the names refer to.
         names: tensors with experts.
         num_experts: M.
-        shared: True: one δ for all experts (interpolated experts); False: δ_m per expert.
+        shared: True: one δ for all experts (interpolated experts, ``N``); False: δ_m per expert (``N × M``).
     """
 
     def __init__(self, backbone, names, num_experts, shared):
         super().__init__()
         params = dict(backbone.named_parameters())
-        self.names, self.shared, self.num_experts = list(names), shared, num_experts
-        self.shapes = [tuple(params[n].shape) for n in self.names]
-        self.delta = nn.ParameterList(
-            [nn.Parameter(torch.zeros(*shape) if shared else torch.zeros(*shape, num_experts)) for shape in self.shapes]
-        )
+        self.layout = ParameterLayout(names, [params[n].shape for n in names])
+        self.names, self.shared, self.num_experts = self.layout.names, shared, num_experts
+        self.delta = nn.Parameter(torch.zeros(self.layout.numel) if shared else torch.zeros(self.layout.numel, num_experts))
+
+    def tensors(self):
+        """name -> view of δ for that tensor (``shape`` or ``shape × M``)."""
+        return dict(zip(self.names, self.layout.split(self.delta)))
+
+    def update(self, alpha, gates=None):
+        """The flat update θ_i − θ_pre (``N``) for merging weights ``alpha`` and gates Z (``N × M`` or None)."""
+        with torch.autocast(self.delta.device.type, enabled=False):
+            alpha = alpha.float()
+            if self.shared:
+                return self.delta * (torch.mv(gates, alpha) if gates is not None else alpha.sum())
+            return torch.mv(self.delta * gates if gates is not None else self.delta, alpha)
 
     def merge(self, pretrained, alpha, gates=None):
         """θ_i as a dict: ``pretrained`` (name -> tensor) plus the α-weighted (gated) expert deltas."""
         merged = dict(pretrained)
-        alpha = alpha.float()
-        for i, (name, delta) in enumerate(zip(self.names, self.delta)):
-            weights = alpha if gates is None else gates[i] * alpha  # (M,) or (*shape, M)
-            if self.shared:
-                update = delta * (weights.sum(-1) if gates is not None else weights.sum())
-            else:
-                update = delta @ alpha if gates is None else (delta * weights).sum(-1)
-            merged[name] = pretrained[name] + update.to(pretrained[name].dtype)
+        views = self.layout.split(self.update(alpha, gates))
+        # one fused (foreach) addition over every expert tensor instead of a Python loop
+        merged.update(zip(self.names, torch._foreach_add([pretrained[n] for n in self.names], views)))
         return merged

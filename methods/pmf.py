@@ -8,12 +8,15 @@ per update. PMF's code divides its command-line lr by 8 on one GPU (``lr × worl
 in eval mode (no dropout or drop-path in DINO ViT-S anyway).
 """
 
+from functools import partial
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from methods._registry import register_method
-from methods.base import Method, TaskModel, cosine_logits, forward_features, prototypes, query_metrics
+from methods.base import (Method, TaskModel, cosine_logits, forward_features, prototypes, query_metrics,
+                          support_query_features)
 
 
 @register_method("pmf")
@@ -39,8 +42,8 @@ class PMF(Method):
 
     def task_loss(self, task):
         params = self.pretrained_params()  # the backbone's live (trainable) parameters
-        support = forward_features(self.backbone, params, task.support_x)
-        query = forward_features(self.backbone, params, task.query_x)
+        support, query = support_query_features(partial(forward_features, self.backbone, params),
+                                                task.support_x, task.query_x)
         logits = cosine_logits(query, prototypes(support, task.support_y, task.ways), self.scale, self.bias)
         return F.cross_entropy(logits, task.query_y), query_metrics(logits, task.query_y)
 

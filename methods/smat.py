@@ -29,12 +29,15 @@ Ablations of Table 2 are data, `VARIANTS`: each is a set of constructor override
 ``variant`` and recorded in result rows.
 """
 
+from functools import partial
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from methods._registry import register_method
-from methods.base import Method, TaskModel, cosine_logits, forward_features, prototypes, query_metrics
+from methods.base import (Method, TaskModel, cosine_logits, forward_features, prototypes, query_metrics,
+                          support_query_features)
 from methods.experts import ExpertDeltas, HardConcreteMasks, expert_parameter_names
 from methods.router import PrototypeRouter, gumbel_sigmoid_weights
 
@@ -109,7 +112,7 @@ class SMAT(Method):
         self.backbone.requires_grad_(False)
         names = expert_parameter_names(backbone, "all" if self.learned_sparsity else "mlp")
         self.deltas = ExpertDeltas(backbone, names, num_experts, shared=settings["interpolated_experts"])
-        self.masks = HardConcreteMasks(self.deltas.shapes, num_experts, mask_init_std) if self.learned_sparsity else None
+        self.masks = HardConcreteMasks(self.deltas.layout.numel, num_experts, mask_init_std) if self.learned_sparsity else None
         self.router = PrototypeRouter(backbone.num_features, num_experts)
         self.register_buffer("lagrange_multipliers", torch.zeros(num_experts))
         self.register_buffer("total_steps", torch.zeros((), dtype=torch.long))
@@ -157,15 +160,16 @@ class SMAT(Method):
         if self.masks is None:
             return {**report, "experts_on": self.deltas.names}
         with torch.no_grad():
-            gates = [z > 0 for z in self.masks.sample(training=False)]
-            union = sum(g.reshape(-1, g.shape[-1]).float().t() @ g.reshape(-1, g.shape[-1]).float() for g in gates)
+            gates = self.masks.sample(training=False) > 0
+            per_tensor = self.deltas.layout.split(gates)
+            union = sum(g.reshape(-1, g.shape[-1]).float().t() @ g.reshape(-1, g.shape[-1]).float() for g in per_tensor)
             counts = union.diagonal()
             jaccard = union / (counts[:, None] + counts[None, :] - union).clamp_min(1)
             report.update(
                 expected_sparsity=self.masks.expected_sparsity().tolist(),
                 l0_sparsity=self.masks.l0_sparsity().tolist(),
                 tensors={name: {"numel": g[..., 0].numel(), "density": g.reshape(-1, g.shape[-1]).float().mean(0).tolist()}
-                         for name, g in zip(self.deltas.names, gates)},
+                         for name, g in zip(self.deltas.names, per_tensor)},
                 overlap=jaccard.tolist(),
             )
         return report
@@ -192,10 +196,14 @@ class SMAT(Method):
             support_y = query_y = torch.cat([support_y, query_y])
         routing_logits, alpha = self.routing(support_x, support_y, task.ways)
         params = self.merged_params(alpha, training=True)
-        head = prototypes(forward_features(self.backbone, params, support_x), support_y, task.ways)
         if self.support_step_lr:
+            head = prototypes(forward_features(self.backbone, params, support_x), support_y, task.ways)
             params, head = self._support_step(params, head, support_x, support_y)
-        student = cosine_logits(forward_features(self.backbone, params, query_x), head)
+            query = forward_features(self.backbone, params, query_x)
+        else:
+            support, query = support_query_features(partial(forward_features, self.backbone, params), support_x, query_x)
+            head = prototypes(support, support_y, task.ways)
+        student = cosine_logits(query, head)
         ce = F.cross_entropy(student, query_y)
         metrics = {"query_ce": float(ce.detach()), **query_metrics(student.detach(), query_y)}
         loss = ce

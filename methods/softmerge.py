@@ -15,11 +15,14 @@ implementation, and no released code has it. This follows the reconstruction rec
   clipping on the router, 4 tasks per update.
 """
 
+from functools import partial
+
 import torch
 import torch.nn.functional as F
 
 from methods._registry import register_method
-from methods.base import Method, TaskModel, cosine_logits, forward_features, prototypes, query_metrics
+from methods.base import (Method, TaskModel, cosine_logits, forward_features, prototypes, query_metrics,
+                          support_query_features)
 from methods.experts import ExpertDeltas, expert_parameter_names
 from methods.router import PrototypeRouter
 
@@ -71,8 +74,9 @@ class SoftMerge(Method):
     def task_loss(self, task):
         alpha = self.routing_weights(task.support_x, task.support_y, task.ways)
         params = self.deltas.merge(self.pretrained_params(), alpha)
-        head = prototypes(forward_features(self.backbone, params, task.support_x), task.support_y, task.ways)
-        logits = cosine_logits(forward_features(self.backbone, params, task.query_x), head)
+        support, query = support_query_features(partial(forward_features, self.backbone, params),
+                                                task.support_x, task.query_x)
+        logits = cosine_logits(query, prototypes(support, task.support_y, task.ways))
         ce = F.cross_entropy(logits, task.query_y)
         metrics = {"query_ce": float(ce.detach()), **query_metrics(logits.detach(), task.query_y)}
         metrics.update({f"alpha_{m}": float(a) for m, a in enumerate(alpha.detach())})

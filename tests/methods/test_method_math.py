@@ -25,19 +25,19 @@ def random_task(ways=5, shots=3, queries=2, size=32, seed=0):
 
 def test_expected_l0_of_hard_concrete_matches_monte_carlo():
     torch.manual_seed(1)
-    masks = HardConcreteMasks([(50, 40)], num_experts=3, init_std=2.0)
+    masks = HardConcreteMasks(2000, num_experts=3, init_std=2.0)
     with torch.no_grad():
         analytic = masks.nonzero_probability_sums() / masks.numel
-        draws = torch.stack([(masks.sample(training=True)[0] > 0).float().mean((0, 1)) for _ in range(400)])
+        draws = torch.stack([(masks.sample(training=True) > 0).float().mean(0) for _ in range(400)])
     assert torch.allclose(draws.mean(0), analytic, atol=4 * draws.std(0).max() / math.sqrt(400) + 1e-3)
 
 
 def test_hard_concrete_formula_against_the_stretched_cdf():
     """P(z > 0) = 1 − Q(0), with Q the CDF of the stretched binary concrete (Louizos et al. 2018, Eq. 12)."""
     log_alpha = torch.tensor([-3.0, -1.0, 0.0, 2.0])
-    masks = HardConcreteMasks([(4,)], num_experts=1)
+    masks = HardConcreteMasks(4, num_experts=1)
     with torch.no_grad():
-        masks.log_alpha[0].copy_(log_alpha[:, None])
+        masks.log_alpha.copy_(log_alpha[:, None])
         q0 = torch.sigmoid(BETA * (math.log(-GAMMA) - math.log(ZETA)) - log_alpha)  # Q(s <= 0)
         assert torch.allclose(masks.nonzero_probability_sums() / 4, (1 - q0).mean().reshape(1), atol=1e-6)
 
@@ -57,12 +57,12 @@ def test_eq1_equals_eq7_sparse_interpolation_form(backbone):
     torch.manual_seed(2)
     deltas = ExpertDeltas(backbone, ["blocks.0.mlp.fc1.weight"], num_experts=4, shared=True)
     with torch.no_grad():
-        deltas.delta[0].normal_()
+        deltas.delta.normal_()
     theta_pre = dict(backbone.named_parameters())["blocks.0.mlp.fc1.weight"].detach()
     z = torch.rand(*theta_pre.shape, 4).round()
     alpha = torch.softmax(torch.randn(4), 0)
-    merged = deltas.merge({"blocks.0.mlp.fc1.weight": theta_pre}, alpha, [z])["blocks.0.mlp.fc1.weight"]
-    delta = deltas.delta[0].detach()
+    merged = deltas.merge({"blocks.0.mlp.fc1.weight": theta_pre}, alpha, z.reshape(-1, 4))["blocks.0.mlp.fc1.weight"]
+    delta = deltas.delta.detach().view_as(theta_pre)
     eq7 = sum(alpha[m] * ((1 - z[..., m]) * theta_pre + z[..., m] * (theta_pre + delta)) for m in range(4))
     assert torch.allclose(merged, eq7, atol=1e-6)
 
@@ -70,12 +70,11 @@ def test_eq1_equals_eq7_sparse_interpolation_form(backbone):
 def test_softmerge_is_the_weighted_average_of_expert_models(backbone):
     method = create_method("softmerge", backbone=backbone, num_experts=3)
     with torch.no_grad():
-        for delta in method.deltas.delta:
-            delta.normal_()
+        method.deltas.delta.normal_()
     alpha = torch.tensor([0.2, 0.5, 0.3])
     merged = method.deltas.merge(method.pretrained_params(), alpha)
-    for i, name in enumerate(method.deltas.names):
-        experts = [method.pretrained_params()[name] + method.deltas.delta[i][..., m] for m in range(3)]
+    for name, delta in method.deltas.tensors().items():
+        experts = [method.pretrained_params()[name] + delta[..., m] for m in range(3)]
         assert torch.allclose(merged[name], sum(a * e for a, e in zip(alpha, experts)), atol=1e-5)
 
 
@@ -96,7 +95,7 @@ def test_dense_teacher_sends_no_gradient_into_the_student(backbone):
     teacher = smat._teacher_logits(params, head, task.query_x, task.query_y)
     assert not teacher.requires_grad
     kd = distillation_loss(torch.zeros_like(teacher, requires_grad=True), teacher, 2.0)
-    assert torch.autograd.grad(kd, [smat.deltas.delta[0]], allow_unused=True) == (None,)
+    assert torch.autograd.grad(kd, [smat.deltas.delta], allow_unused=True) == (None,)
 
 
 def test_teacher_takes_k_sgd_steps_on_the_query_loss(backbone):
@@ -115,11 +114,9 @@ def test_teacher_takes_k_sgd_steps_on_the_query_loss(backbone):
 def test_lagrange_multiplier_grows_while_violated_and_resets_once_met(backbone):
     smat = create_method("smat", backbone=backbone, num_experts=2, target_sparsity=0.5, lagrangian_lr=2.0)
     with torch.no_grad():
-        smat.masks.log_alpha[0].zero_()
-        smat.masks.log_alpha[0][..., 1] = -20.0  # expert 1 all off: sparsity 1 >= τ
-        for la in smat.masks.log_alpha[1:]:
-            la[..., 0] = 5.0
-            la[..., 1] = -20.0
+        smat.masks.log_alpha[:, 1] = -20.0  # expert 1 all off: sparsity 1 >= τ
+        smat.masks.log_alpha[:, 0] = 5.0
+        smat.masks.log_alpha[:100, 0] = 0.0  # expert 0 mostly on: sparsity < τ
     smat.lagrange_multipliers.copy_(torch.tensor([0.3, 0.7]))
     metrics = [{"alpha_0": 0.6, "alpha_1": 0.4}, {"alpha_0": 0.2, "alpha_1": 0.8}]
     sparsity = smat.masks.expected_sparsity()
@@ -134,9 +131,9 @@ def test_sparsity_penalty_pushes_gates_down_only_for_penalised_experts(backbone)
     smat.lagrange_multipliers.copy_(torch.tensor([1.0, 0.0]))
     smat.configure_training(10)
     loss, _ = smat.task_loss(random_task())
-    grads = torch.autograd.grad(loss, [smat.masks.log_alpha[0]])[0]
-    penalty_only = torch.autograd.grad(smat.masks.nonzero_probability_sums()[0], [smat.masks.log_alpha[0]])[0]
-    assert torch.all(penalty_only[..., 0] > 0) and torch.all(grads[..., 0] != 0)
+    grads = torch.autograd.grad(loss, [smat.masks.log_alpha])[0]
+    penalty_only = torch.autograd.grad(smat.masks.nonzero_probability_sums()[0], [smat.masks.log_alpha])[0]
+    assert torch.all(penalty_only[:, 0] > 0) and torch.all(grads[:, 0] != 0)
 
 
 def test_variants_switch_the_documented_components(backbone):

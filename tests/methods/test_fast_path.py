@@ -1,0 +1,219 @@
+"""The fast paths give the plain paths' predictions: each is checked against a straightforward reference.
+
+The references are the textbook forms — a Python loop over the backbone's tensors for the merge and
+the hard-concrete gates (paper Eq. 1), separate support and query forward passes, a deep copy of the
+backbone wrapped by peft for LoRA. On CPU (fp32) predictions must be identical. Set
+``SMAT_BENCH_TEST_DEVICE=cuda`` to run the same checks on a GPU under bf16 autocast, where a few
+near-tie queries may flip (at most `BF16_FLIPS` of them).
+"""
+
+import copy
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from methods import MINI_BACKBONE, Task, create_backbone, create_method
+from methods.adapters import _support_loss, get_adapter, seeded_generator, split_qkv
+from methods.base import autocast, cosine_logits, forward_features, prototypes
+from methods.experts import BETA, GAMMA, ZETA
+from methods.smat import distillation_loss
+
+DEVICE = torch.device(os.environ.get("SMAT_BENCH_TEST_DEVICE", "cpu"))
+BF16_FLIPS = 0.02  # share of queries allowed to change prediction under bf16 autocast
+
+
+def random_task(ways=5, shots=4, queries=3, size=32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = lambda n: torch.randn(n, 3, size, size, generator=g).to(DEVICE)  # noqa: E731
+    y = lambda n: torch.arange(ways).repeat(n).to(DEVICE)  # noqa: E731
+    return Task(x(ways * shots), y(shots), x(ways * queries), y(queries), ways)
+
+
+def trained_like(name, **kwargs):
+    """A method whose experts are not at their zero initialisation (so merges are not trivially θ_pre)."""
+    torch.manual_seed(0)
+    method = create_method(name, backbone=create_backbone(MINI_BACKBONE, pretrained=False), **kwargs).to(DEVICE)
+    with torch.no_grad():
+        method.deltas.delta.normal_(0, 0.02)
+        if getattr(method, "masks", None) is not None:
+            method.masks.log_alpha.normal_(0, 2.0)
+    return method
+
+
+def assert_same_predictions(fast, plain):
+    flips = float((fast != plain).float().mean())
+    assert flips <= (BF16_FLIPS if DEVICE.type == "cuda" else 0.0), f"{flips:.1%} of the predictions differ"
+
+
+# --- references ----------------------------------------------------------------------------------
+
+
+def reference_gates(log_alpha, u=None):
+    """Hard-concrete gates of one tensor's log α (``shape × M``), training noise ``u`` or evaluation."""
+    s = torch.sigmoid((torch.log(u) - torch.log1p(-u) + log_alpha) / BETA) if u is not None else torch.sigmoid(log_alpha)
+    return (s * (ZETA - GAMMA) + GAMMA).clamp(0.0, 1.0)
+
+
+def reference_merge(method, alpha, training, u=None):
+    """θ_i by a loop over the tensors with experts (paper Eq. 1; separate experts for SoftMerge / variants)."""
+    deltas, masks = method.deltas, getattr(method, "masks", None)
+    params = dict(method.backbone.named_parameters())
+    log_alphas = deltas.layout.split(masks.log_alpha) if masks is not None else [None] * len(deltas.names)
+    noise = deltas.layout.split(u) if u is not None else [None] * len(deltas.names)
+    for (name, delta), log_alpha, u_p in zip(deltas.tensors().items(), log_alphas, noise):
+        z = reference_gates(log_alpha, u_p if training else None) if log_alpha is not None else None
+        if deltas.shared:
+            update = delta * ((z * alpha).sum(-1) if z is not None else alpha.sum())
+        else:
+            update = ((delta * z if z is not None else delta) * alpha).sum(-1)
+        params[name] = params[name] + update
+    return params
+
+
+def features_apart(features_of, task):
+    """Support and query features from two separate forward passes."""
+    return features_of(task.support_x), features_of(task.query_x)
+
+
+def reference_finetune(features_of, parameters, task, lr, generator, steps=50):
+    """Predictions after the plain fine-tuning loop (Adam, a new step each time), predicted by two passes."""
+    optimizer = torch.optim.Adam(parameters, lr=lr)
+    for _ in range(steps):
+        optimizer.zero_grad()
+        _support_loss(features_of, task, generator, 10.0, 0.0).backward()
+        optimizer.step()
+    with torch.no_grad():
+        support, query = features_apart(features_of, task)
+        return cosine_logits(query, prototypes(support, task.support_y, task.ways)).argmax(-1)
+
+
+# --- checks --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name, variant", [("smat", "default"), ("smat", "no_interpolated_experts"),
+                                           ("smat", "mlp_experts"), ("softmerge", None)])
+def test_flat_merge_equals_the_per_tensor_merge_with_gradients(name, variant):
+    method = trained_like(name, **({"variant": variant} if variant else {}))
+    alpha = torch.softmax(torch.randn(method.deltas.num_experts, device=DEVICE), 0).requires_grad_()
+    masks = getattr(method, "masks", None)
+    torch.manual_seed(1)
+    fast = method.merged_params(alpha, training=True) if name == "smat" else method.deltas.merge(method.pretrained_params(), alpha)
+    torch.manual_seed(1)
+    u = torch.rand_like(masks.log_alpha).clamp(1e-6, 1 - 1e-6) if masks is not None else None
+    plain = reference_merge(method, alpha, training=True, u=u)
+    weights = {n: torch.randn_like(p) for n, p in plain.items()}
+    leaves = [alpha, method.deltas.delta] + ([masks.log_alpha] if masks is not None else [])
+    grads = [torch.autograd.grad(sum((w * params[n]).sum() for n, w in weights.items()), leaves) for params in (fast, plain)]
+    for n in plain:
+        torch.testing.assert_close(fast[n], plain[n], rtol=1e-5, atol=1e-6)
+    for g_fast, g_plain in zip(*grads):
+        torch.testing.assert_close(g_fast, g_plain, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["pre", "pmf", "softmerge", "smat"])
+def test_protonet_in_one_forward_pass_equals_two_passes(name):
+    method = trained_like(name) if name in ("softmerge", "smat") else create_method(
+        name, backbone=create_backbone(MINI_BACKBONE, pretrained=False)).to(DEVICE)
+    task = random_task()
+    model = method.task_model(task.support_x, task.support_y, task.ways)
+    fast = model.logits(task.query_x)  # first call: support and query in one batch
+    support, query = features_apart(model.features, task)
+    plain = cosine_logits(query, prototypes(support, task.support_y, task.ways), model.scale, model.bias)
+    assert_same_predictions(fast.argmax(-1), plain.argmax(-1))
+    if DEVICE.type == "cpu":
+        torch.testing.assert_close(fast, plain, rtol=1e-4, atol=1e-4)
+
+
+def test_full_fine_tuning_predictions_equal_the_plain_loop():
+    method = trained_like("smat")
+    task = random_task(seed=3)
+    fast = get_adapter("full")(method, task, 1e-3, seeded_generator("episode"))
+    model = method.task_model(task.support_x, task.support_y, task.ways)
+    params = {n: p.detach().clone().requires_grad_() for n, p in model.params.items()}
+
+    def features_of(x):
+        with autocast(DEVICE):
+            return forward_features(method.backbone, params, x)
+
+    assert_same_predictions(fast, reference_finetune(features_of, list(params.values()), task, 1e-3,
+                                                     seeded_generator("episode")))
+
+
+def test_lora_without_model_copies_equals_a_peft_wrapped_deep_copy():
+    from peft import LoraConfig, inject_adapter_in_model
+
+    method = trained_like("smat")
+    task = random_task(seed=4)
+    fast = get_adapter("lora")(method, task, 1e-2, seeded_generator("episode"))
+    model = method.task_model(task.support_x, task.support_y, task.ways)
+    backbone = copy.deepcopy(method.backbone)
+    with torch.no_grad():
+        for name, p in backbone.named_parameters():
+            p.copy_(model.params[name])
+    config = LoraConfig(r=8, lora_alpha=32, lora_dropout=0.1, bias="none", target_modules=r".*attn\.qkv\.(q|v)")
+    backbone = inject_adapter_in_model(config, split_qkv(backbone).requires_grad_(False)).eval()
+    generator = seeded_generator("episode")
+    lora = [p for n, p in backbone.named_parameters() if "lora_" in n]
+    with torch.no_grad():  # A ~ U(±1/√fan_in) from the episode's generator in parameter order, B = 0
+        for n, p in backbone.named_parameters():
+            if "lora_A" in n:
+                bound = 1.0 / p.shape[1] ** 0.5
+                p.copy_(torch.zeros(p.shape).uniform_(-bound, bound, generator=generator))
+            elif "lora_B" in n:
+                p.zero_()
+    for p in lora:
+        p.requires_grad_(True)
+
+    def features_of(x):
+        with autocast(DEVICE):
+            return backbone(x).float()
+
+    assert_same_predictions(fast, reference_finetune(features_of, lora, task, 1e-2, generator))
+
+
+@pytest.mark.parametrize("variant", ["default", "no_meta_split"])
+def test_smat_task_loss_equals_the_plain_computation(variant):
+    method = trained_like("smat", variant=variant)
+    method.configure_training(10)
+    method.train()
+    task = random_task(seed=5)
+    leaves = [method.deltas.delta, method.masks.log_alpha, *method.router.parameters()]
+    torch.manual_seed(7)
+    with autocast(DEVICE):
+        fast_loss, _ = method.task_loss(task)
+    fast_grads = torch.autograd.grad(fast_loss, leaves)
+
+    torch.manual_seed(7)  # the same noise, drawn in the same order: routing, then the gates
+    support_x, support_y, query_x, query_y = task.support_x, task.support_y, task.query_x, task.query_y
+    if variant == "no_meta_split":
+        support_x = query_x = torch.cat([support_x, query_x])
+        support_y = query_y = torch.cat([support_y, query_y])
+    with autocast(DEVICE):
+        logits, alpha = method.routing(support_x, support_y, task.ways)
+        u = torch.rand_like(method.masks.log_alpha).clamp(1e-6, 1 - 1e-6)
+        params = reference_merge(method, alpha, training=True, u=u)
+        head = prototypes(forward_features(method.backbone, params, support_x), support_y, task.ways)
+        student = cosine_logits(forward_features(method.backbone, params, query_x), head)
+        teacher = method._teacher_logits(params, head, query_x, query_y)
+        plain_loss = 0.75 * F.cross_entropy(student, query_y) + 0.25 * distillation_loss(student, teacher, 2.0)
+        plain_loss = plain_loss + 1e-4 * logits.pow(2).mean()
+    plain_grads = torch.autograd.grad(plain_loss, leaves)
+    tolerance = dict(rtol=1e-3, atol=1e-5) if DEVICE.type == "cpu" else dict(rtol=5e-2, atol=1e-3)
+    torch.testing.assert_close(fast_loss, plain_loss, **tolerance)
+    for g_fast, g_plain in zip(fast_grads, plain_grads):
+        torch.testing.assert_close(g_fast, g_plain, **tolerance)
+
+
+def test_batched_translation_equals_the_per_image_loop():
+    from methods.adapters import translate
+
+    x = torch.randn(9, 3, 16, 12, device=DEVICE)
+    fast = translate(x, torch.Generator().manual_seed(3))
+    g = torch.Generator().manual_seed(3)
+    dy = torch.randint(-2, 3, (9,), generator=g).tolist()  # round(0.125 · 16) = 2, round(0.125 · 12) = 2
+    dx = torch.randint(-2, 3, (9,), generator=g).tolist()
+    padded = F.pad(x, (2, 2, 2, 2))
+    plain = torch.stack([padded[i, :, 2 - dy[i]: 2 - dy[i] + 16, 2 - dx[i]: 2 - dx[i] + 12] for i in range(9)])
+    assert torch.equal(fast, plain)
