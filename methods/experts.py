@@ -27,12 +27,14 @@ expert's expected density is the mean of that over its elements, and its expecte
 minus the density (the quantity SMAT constrains to be at least τ).
 """
 
+import functools
 import math
 
 import torch
 import torch.nn as nn
 
-__all__ = ["ParameterLayout", "HardConcreteMasks", "ExpertDeltas", "expert_parameter_names"]
+__all__ = ["ParameterLayout", "HardConcreteMasks", "ExpertDeltas", "expert_parameter_names", "hard_concrete",
+           "interpolate", "gated_update", "compiled_gated_update"]
 
 GAMMA, ZETA, BETA = -0.1, 1.1, 2.0 / 3.0
 
@@ -66,6 +68,40 @@ class ParameterLayout:
         return [part.view(*shape, *trailing) for part, shape in zip(flat.split(self.sizes), self.shapes)]
 
 
+def hard_concrete(log_alpha, training):
+    """Hard-concrete gates z of locations ``log_alpha`` (any shape): noisy in training, deterministic otherwise."""
+    if training:
+        u = torch.rand_like(log_alpha).clamp_(1e-6, 1 - 1e-6)
+        s = torch.sigmoid((torch.log(u) - torch.log1p(-u) + log_alpha) / BETA)
+    else:
+        s = torch.sigmoid(log_alpha)
+    return (s * (ZETA - GAMMA) + GAMMA).clamp(0.0, 1.0)
+
+
+def interpolate(delta, alpha, gates=None):
+    """The flat update θ_i − θ_pre: δ ⊙ (Z α) for a shared ``N`` δ, (δ ⊙ Z) α for an ``N × M`` one (Z ≡ 1 without gates).
+
+    Computed in fp32 outside autocast.
+    """
+    with torch.autocast(delta.device.type, enabled=False):
+        alpha = alpha.float()
+        if delta.dim() == 1:
+            return delta * (torch.mv(gates, alpha) if gates is not None else alpha.sum())
+        return torch.mv(delta * gates if gates is not None else delta, alpha)
+
+
+def gated_update(delta, log_alpha, alpha, training):
+    """`interpolate` with hard-concrete gates sampled from ``log_alpha``: one pure function of tensors,
+    which `compiled_gated_update` fuses into a few kernels (the gates are never stored in between)."""
+    return interpolate(delta, alpha, hard_concrete(log_alpha, training))
+
+
+@functools.cache
+def compiled_gated_update():
+    """`gated_update` through ``torch.compile`` (fixed shapes, one graph per training mode)."""
+    return torch.compile(gated_update, fullgraph=True, dynamic=False)
+
+
 class HardConcreteMasks(nn.Module):
     """M hard-concrete gates per element of an ``N``-element layout (log α init N(0, init_std²)).
 
@@ -82,13 +118,7 @@ class HardConcreteMasks(nn.Module):
 
     def sample(self, training):
         """The gates Z (``N × M``): noisy in training, deterministic at evaluation."""
-        log_alpha = self.log_alpha
-        if training:
-            u = torch.rand_like(log_alpha).clamp_(1e-6, 1 - 1e-6)
-            s = torch.sigmoid((torch.log(u) - torch.log1p(-u) + log_alpha) / BETA)
-        else:
-            s = torch.sigmoid(log_alpha)
-        return (s * (ZETA - GAMMA) + GAMMA).clamp(0.0, 1.0)
+        return hard_concrete(self.log_alpha, training)
 
     def nonzero_probability_sums(self):
         """(M,) Σ over elements of P(z ≠ 0): the expected L0 norm of each expert (differentiable)."""
@@ -126,18 +156,14 @@ class ExpertDeltas(nn.Module):
         """name -> view of δ for that tensor (``shape`` or ``shape × M``)."""
         return dict(zip(self.names, self.layout.split(self.delta)))
 
-    def update(self, alpha, gates=None):
-        """The flat update θ_i − θ_pre (``N``) for merging weights ``alpha`` and gates Z (``N × M`` or None)."""
-        with torch.autocast(self.delta.device.type, enabled=False):
-            alpha = alpha.float()
-            if self.shared:
-                return self.delta * (torch.mv(gates, alpha) if gates is not None else alpha.sum())
-            return torch.mv(self.delta * gates if gates is not None else self.delta, alpha)
-
-    def merge(self, pretrained, alpha, gates=None):
-        """θ_i as a dict: ``pretrained`` (name -> tensor) plus the α-weighted (gated) expert deltas."""
+    def add_to(self, pretrained, update):
+        """θ_i as a dict: ``pretrained`` (name -> tensor) plus the flat ``update`` on the expert tensors."""
         merged = dict(pretrained)
-        views = self.layout.split(self.update(alpha, gates))
+        views = self.layout.split(update)
         # one fused (foreach) addition over every expert tensor instead of a Python loop
         merged.update(zip(self.names, torch._foreach_add([pretrained[n] for n in self.names], views)))
         return merged
+
+    def merge(self, pretrained, alpha, gates=None):
+        """θ_i as a dict: ``pretrained`` plus the α-weighted (gated) expert deltas (`interpolate`)."""
+        return self.add_to(pretrained, interpolate(self.delta, alpha, gates))

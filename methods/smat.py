@@ -38,7 +38,8 @@ import torch.nn.functional as F
 from methods._registry import register_method
 from methods.base import (Method, TaskModel, cosine_logits, forward_features, prototypes, query_metrics,
                           support_query_features)
-from methods.experts import ExpertDeltas, HardConcreteMasks, expert_parameter_names
+from methods.experts import (ExpertDeltas, HardConcreteMasks, compiled_gated_update, expert_parameter_names,
+                             gated_update)
 from methods.router import PrototypeRouter, gumbel_sigmoid_weights
 
 __all__ = ["SMAT", "VARIANTS"]
@@ -89,6 +90,8 @@ class SMAT(Method):
             falls linearly from start to end over that fraction of the run (official: 5 -> 0.5 over 18k
             of 50k tasks), then stays.
         mask_init_std: std of the initial log α.
+        compile_merge: sample the gates and merge through ``torch.compile`` (`methods.experts.gated_update`
+            fused into a few kernels; the gates' noise then comes from the compiled kernels' generator).
         routing_logit_l2: weight of the mean squared routing logit (official: 1e-4).
         tasks_per_step, warmup_fraction, min_lr: see `Method`.
     """
@@ -98,7 +101,8 @@ class SMAT(Method):
                  interpolated_experts=True, meta_split=True, dense_teacher=True, delta_lr=1e-4, delta_momentum=0.9,
                  delta_weight_decay=1e-4, mask_lr=1.0, lagrangian_lr=5.0, router_lr=1e-4, router_weight_decay=1e-2,
                  router_clip=1.0, temperature_start=5.0, temperature_end=0.5, temperature_anneal_fraction=0.36,
-                 mask_init_std=0.5, routing_logit_l2=1e-4, sparsity_measure="expected", tasks_per_step=4, warmup_fraction=0.2, min_lr=1e-6):
+                 mask_init_std=0.5, routing_logit_l2=1e-4, sparsity_measure="expected", compile_merge=False, tasks_per_step=4,
+                 warmup_fraction=0.2, min_lr=1e-6):
         if variant not in VARIANTS:
             raise ValueError(f"smat variant {variant!r}: choose one of {', '.join(VARIANTS)}")
         super().__init__(backbone, tasks_per_step, warmup_fraction, min_lr)
@@ -107,7 +111,7 @@ class SMAT(Method):
                     "support_step_lr", "learned_sparsity", "meta_split", "dense_teacher", "delta_lr",
                     "delta_momentum", "delta_weight_decay", "mask_lr", "lagrangian_lr", "router_lr",
                     "router_weight_decay", "router_clip", "temperature_start", "temperature_end",
-                    "temperature_anneal_fraction", "routing_logit_l2", "sparsity_measure"):
+                    "temperature_anneal_fraction", "routing_logit_l2", "sparsity_measure", "compile_merge"):
             setattr(self, key, settings[key])
         self.backbone.requires_grad_(False)
         names = expert_parameter_names(backbone, "all" if self.learned_sparsity else "mlp")
@@ -134,8 +138,10 @@ class SMAT(Method):
 
     def merged_params(self, alpha, training):
         """θ_i = θ_pre + merged experts, for merging weights ``alpha``."""
-        gates = self.masks.sample(training) if self.masks is not None else None
-        return self.deltas.merge(self.pretrained_params(), alpha, gates)
+        if self.masks is None:
+            return self.deltas.merge(self.pretrained_params(), alpha)
+        update = compiled_gated_update() if self.compile_merge else gated_update
+        return self.deltas.add_to(self.pretrained_params(), update(self.deltas.delta, self.masks.log_alpha, alpha, training))
 
     def task_model(self, support_x, support_y, ways):
         self.eval()

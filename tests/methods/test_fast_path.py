@@ -217,3 +217,23 @@ def test_batched_translation_equals_the_per_image_loop():
     padded = F.pad(x, (2, 2, 2, 2))
     plain = torch.stack([padded[i, :, 2 - dy[i]: 2 - dy[i] + 16, 2 - dx[i]: 2 - dx[i] + 12] for i in range(9)])
     assert torch.equal(fast, plain)
+
+
+def test_compiled_gate_sampling_and_merge_equal_the_eager_ones():
+    """Evaluation gates exactly; training gates where |log α| saturates them (then the noise cannot matter)."""
+    method = trained_like("smat", num_experts=3)
+    with torch.no_grad():
+        method.masks.log_alpha.copy_(30.0 * torch.randn_like(method.masks.log_alpha).sign())
+    alpha = torch.softmax(torch.randn(3, device=DEVICE), 0).requires_grad_()
+    results = []
+    for compiled in (False, True):
+        method.compile_merge = compiled
+        merged = [method.merged_params(alpha, training) for training in (False, True)]
+        loss = sum((p ** 2).sum() for params in merged for p in params.values())
+        results.append((merged, torch.autograd.grad(loss, [alpha, method.deltas.delta])))
+    (eager, eager_grads), (fast, fast_grads) = results
+    for eager_params, fast_params in zip(eager, fast):
+        for name in eager_params:
+            torch.testing.assert_close(fast_params[name], eager_params[name], rtol=1e-5, atol=1e-6)
+    for g_eager, g_fast in zip(eager_grads, fast_grads):
+        torch.testing.assert_close(g_fast, g_eager, rtol=1e-4, atol=1e-5)
