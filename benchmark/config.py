@@ -22,6 +22,8 @@ class RunConfig:
         method: a registered method name (``smat``, ``pmf``, ...); set by ``methods/<name>.gin``.
         benchmark: a benchmark of ``registry/benchmarks.toml``; None runs the embedded mini benchmark.
         records_root: converted records (else ``$SMAT_BENCH_RECORDS``); unused by ``md_mini``.
+        decoded_cache: a directory built by ``python -m benchmark.cache build`` for this benchmark, read
+            instead of decoding records; None reads and decodes records.
         backbone: timm model name; ``weights_file`` a local checkpoint for it.
         pretrain_steps: >0 pre-trains a backbone without hub weights on the benchmark's pretrain
             sources first (cached), as ``md_mini`` does for its tiny ViT.
@@ -39,6 +41,7 @@ class RunConfig:
     method: str = gin.REQUIRED
     benchmark: str | None = None
     records_root: str | None = None
+    decoded_cache: str | None = None
     backbone: str = "vit_small_patch16_224.dino"
     weights_file: str | None = None
     pretrain_steps: int = 0

@@ -22,6 +22,7 @@ generator seeded by the run seed, then takes that source's next description; eac
 own official sampler, seeded in ``train_sources`` order from one module RNG of the run seed.
 """
 
+import dataclasses
 import hashlib
 from dataclasses import dataclass
 from functools import cached_property
@@ -85,6 +86,11 @@ class Episode:
     def ways(self):
         return len(self.description)
 
+    def pin_memory(self):
+        """This episode with its tensors in page-locked memory, so copies to a GPU can be non-blocking."""
+        tensors = ("support_images", "support_labels", "query_images", "query_labels")
+        return dataclasses.replace(self, **{name: getattr(self, name).pin_memory() for name in tensors})
+
 
 class DescriptionStream:
     """Descriptions 0, 1, 2, ... of one official sampler, drawn once and kept.
@@ -108,15 +114,25 @@ class DescriptionStream:
 
 
 class SourceRecords:
-    """One source on disk: its checked spec, its class files, and its preprocessing."""
+    """One source on disk: its checked spec, its class files, its preprocessing and, optionally, its decoded cache.
 
-    def __init__(self, source, records_root, preprocess):
+    Args:
+        source: the declared `registry.catalog.Source`.
+        records_root: the directory holding ``<source>/dataset_spec.json``.
+        preprocess: the `Preprocess` of this source in its benchmark.
+        decoded: a `benchmark.cache.DecodedCache` to read resized pixels from instead of decoding records;
+            its cache of this source and preprocessing is checked against the spec here.
+    """
+
+    def __init__(self, source, records_root, preprocess, decoded=None):
         self.source = source
         self.spec = source.load_spec(records_root)
         self.preprocess = preprocess
+        self.decoded = None if decoded is None else decoded.open(source.name, self.spec, preprocess)
         self._files = {}
 
-    def _file(self, class_id):
+    def record_file(self, class_id):
+        """The `RecordFile` of absolute class ``class_id``; a missing file is a `DataError` naming the fix."""
         if class_id not in self._files:
             path = self.spec.class_path(class_id)
             if not path.is_file():
@@ -124,9 +140,16 @@ class SourceRecords:
             self._files[class_id] = RecordFile(path)
         return self._files[class_id]
 
-    def images(self, class_id, indices):
-        """Records ``indices`` of absolute class ``class_id``, decoded and preprocessed (``N×3×s×s``)."""
-        records = self._file(class_id)
+    def pixels(self, class_id, indices):
+        """Records ``indices`` of absolute class ``class_id``, decoded and resized: float32 ``N×3×s×s`` grey levels.
+
+        The one place where records become pixels: `images` and the decoded cache (`benchmark.cache`) use it.
+
+        Raises:
+            DataError: the class file is missing, holds another number of records than the spec says, or a
+                record has another label than ``class_id``.
+        """
+        records = self.record_file(class_id)
         expected = self.spec.get_total_images_per_class(class_id)
         try:
             if len(records) != expected:
@@ -141,10 +164,20 @@ class SourceRecords:
                     raise DataError(
                         f"{records.path}: record {i} has label {label}, expected {class_id}; {self.source.how_to_fix()}"
                     )
-                out.append(self.preprocess(decode_image(image, where=f"{records.path} record {i}")))
+                out.append(self.preprocess.resized(decode_image(image, where=f"{records.path} record {i}")))
         finally:
             records.close()  # thousands of class files: keep the offsets, not the handles
         return torch.stack(out) if out else torch.empty(0, 3, self.preprocess.image_size, self.preprocess.image_size)
+
+    def images(self, class_id, indices):
+        """Records ``indices`` of absolute class ``class_id``, preprocessed (float32 ``N×3×s×s``).
+
+        The pixels come from the decoded cache when there is one (equal to `pixels` under ``center_crop``,
+        `pixels` rounded to the nearest grey level under ``squash``), else from `pixels`; then
+        ``preprocess.normalize``.
+        """
+        pixels = self.pixels(class_id, indices) if self.decoded is None else self.decoded.pixels(class_id, indices)
+        return self.preprocess.normalize(pixels.float())
 
     def episode(self, episode_id, description, split):
         """Assemble the `Episode` of ``description`` (relative ids of ``split``) for ``episode_id``."""
@@ -169,16 +202,28 @@ class SourceRecords:
 class BenchmarkData:
     """A benchmark opened on its records: checked specs and preprocessing for every source it uses.
 
+    Args:
+        benchmark: a `registry.catalog.Benchmark` or its name.
+        records_root: the converted records (see `registry.catalog.resolve_records_root`).
+        decoded_cache: a directory built by ``python -m benchmark.cache build``; every source of the
+            benchmark must have its cache there, which is then read instead of decoding records.
+            None decodes records.
+
     Example:
         >>> data = BenchmarkData("md_mini")
         >>> episode = data.eval_episodes("mini_digits", "test")[0]
     """
 
-    def __init__(self, benchmark, records_root=None):
+    def __init__(self, benchmark, records_root=None, decoded_cache=None):
         self.benchmark = get_benchmark(benchmark) if isinstance(benchmark, str) else benchmark
         self.records_root = resolve_records_root(self.benchmark, records_root)
+        decoded = None
+        if decoded_cache is not None:
+            from benchmark.cache import DecodedCache  # benchmark.cache builds on this module
+
+            decoded = DecodedCache(decoded_cache, self.benchmark.name, self.records_root)
         self.sources = {
-            s.name: SourceRecords(s, self.records_root, Preprocess.for_source(s, self.benchmark.preprocessing))
+            s.name: SourceRecords(s, self.records_root, Preprocess.for_source(s, self.benchmark.preprocessing), decoded)
             for s in self.benchmark.sources
         }
 
@@ -281,8 +326,11 @@ class TrainEpisodes(torch.utils.data.Dataset):
         return self.data.source(source).episode(episode_id, description, Split.TRAIN)
 
 
-def episode_loader(episodes, num_workers=0):
+def episode_loader(episodes, num_workers=0, pin_memory=False):
     """A ``DataLoader`` yielding `Episode` objects in index order, decoded by ``num_workers`` processes.
+
+    With ``pin_memory`` (for a CUDA device) episodes arrive in page-locked memory, so that
+    `methods.Task.from_episode` copies them without blocking.
 
     Episodes are pure functions of their identity, so the loader needs no randomness: it gets a
     generator of its own, and starting an iteration never draws from the global torch RNG (which
@@ -294,6 +342,7 @@ def episode_loader(episodes, num_workers=0):
         shuffle=False,
         num_workers=num_workers,
         collate_fn=_as_is,
+        pin_memory=pin_memory,
         generator=torch.Generator(),
     )
 

@@ -73,7 +73,7 @@ class Preprocess:
         return F.interpolate(pixels, size=(size, size), mode="bilinear", align_corners=True, antialias=False)[0]
 
     def normalize(self, pixels):
-        """Grey levels in [0, 255] (``3×s×s``) -> the network's input range."""
+        """Grey levels in [0, 255] (``3×s×s``, or a batch ``N×3×s×s``) -> the network's input range, elementwise."""
         if self.normalization == "unit_range":
             return pixels / 127.5 - 1.0
         mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)

@@ -148,7 +148,7 @@ def build(config, out=None):
     if config.method not in methods.list_methods():
         methods.method_class(config.method)  # raises with the close matches
     benchmark = get_benchmark(config.benchmark or "md_mini")
-    data = BenchmarkData(benchmark, config.records_root)
+    data = BenchmarkData(benchmark, config.records_root, config.decoded_cache)
     device = distributed.setup(torch.device("cuda" if config.device == "auto" and torch.cuda.is_available() else
                                             "cpu" if config.device == "auto" else config.device))
     weights = config.weights_file
@@ -267,7 +267,7 @@ def validate(run, episodes_per_source):
     for source in run.data.benchmark.valid_sources:
         episodes = run.data.eval_episodes(source.name, "valid", num_episodes=episodes_per_source)
         mine = list(range(distributed.rank(), len(episodes), distributed.world_size()))
-        for episode in episode_loader(torch.utils.data.Subset(episodes, mine), run.config.workers):
+        for episode in episode_loader(torch.utils.data.Subset(episodes, mine), run.config.workers, run.device.type == "cuda"):
             task = Task.from_episode(episode, run.device)
             predictions = run.method.task_model(task.support_x, task.support_y, task.ways).predict(task.query_x)
             accs.append(float((predictions == task.query_y).float().mean()))
@@ -303,7 +303,7 @@ def train(run):
     batch = []
     bar = tqdm(total=total, initial=step, desc=f"meta-training {config.method}", file=sys.stderr, mininterval=5,
                disable=not distributed.is_main())
-    for episode in episode_loader(torch.utils.data.Subset(stream, mine), config.workers):
+    for episode in episode_loader(torch.utils.data.Subset(stream, mine), config.workers, run.device.type == "cuda"):
         batch.append(Task.from_episode(episode, run.device))
         if len(batch) < share:
             continue

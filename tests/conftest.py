@@ -38,15 +38,21 @@ def golden_manifest():
     return json.loads(_require(SAMPLER / "manifest.json").read_text())
 
 
-def _png(color, size=(12, 10)):
+def png_bytes(pixels):
+    """A uint8 H×W×3 array encoded as PNG (lossless)."""
     import io
 
-    import numpy as np
     from PIL import Image
 
     buffer = io.BytesIO()
-    Image.fromarray(np.full((size[1], size[0], 3), color, dtype=np.uint8)).save(buffer, format="PNG")
+    Image.fromarray(pixels).save(buffer, format="PNG")
     return buffer.getvalue()
+
+
+def _uniform(class_id, index):
+    import numpy as np
+
+    return np.full((10, 12, 3), pixel_code(class_id, index), dtype=np.uint8)
 
 
 def pixel_code(class_id, index):
@@ -56,20 +62,22 @@ def pixel_code(class_id, index):
 
 @pytest.fixture
 def write_source(tmp_path):
-    """Factory: write a flat source whose record i of class c is a uniform PNG of colour ``pixel_code(c, i)``.
+    """Factory: write a flat source whose record i of class c is a uniform 12×10 PNG of colour ``pixel_code(c, i)``.
 
-    ``write_source(name, counts=(train, valid, test), images=n or [n_0, n_1, ...])`` -> its directory.
+    ``write_source(name, counts=(train, valid, test), images=n or [n_0, n_1, ...], draw=None)`` -> its
+    directory; ``draw(c, i)``, a uint8 H×W×3 array, replaces the uniform colour.
     """
     from benchmark.records import encode_example, write_records
     from registry.dataset_spec import DatasetSpecification, Split, dump_dataset_spec
 
-    def write(name, counts, images):
+    def write(name, counts, images, draw=None):
         directory = tmp_path / name
         directory.mkdir(parents=True)
         total = sum(counts)
         sizes = images if isinstance(images, list) else [images] * total
+        draw = draw or _uniform
         for c in range(total):
-            write_records(directory / f"{c}.tfrecords", (encode_example(_png(pixel_code(c, i)), c) for i in range(sizes[c])))
+            write_records(directory / f"{c}.tfrecords", (encode_example(png_bytes(draw(c, i)), c) for i in range(sizes[c])))
         spec = DatasetSpecification(
             name=name, classes_per_split=dict(zip(Split, counts)), images_per_class=dict(enumerate(sizes)),
             class_names={c: f"c{c}" for c in range(total)}, path=str(directory),

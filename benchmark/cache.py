@@ -1,0 +1,352 @@
+"""Decoded images, resized once per source and memory-mapped: an optional fast path for episodes.
+
+Decoding and resizing JPEGs is what episode assembly spends its time on. A decoded cache holds every
+record of a source already decoded and resized for one preprocessing (`SourceRecords.pixels`), as
+uint8::
+
+    CACHE_ROOT/<source>/<resize>-<s>/
+        <class_id>.npy   uint8 N×3×s×s in C order; row i is record i of <class_id>.tfrecords
+        cache.json       format, source, image_size, resize, the SHA-256 of the source's dataset_spec.json,
+                         and per class the record file's size in bytes and its record count
+
+Under ``center_crop`` (PIL output: integer grey levels) the cache is exact, so episodes read from it
+are bitwise those decoded from the records. Under ``squash`` (bilinear, ``align_corners``) grey levels
+are fractional and are stored rounded to the nearest integer: |Δ| ≤ 0.5 grey level, i.e. ≤ 0.5 / 127.5
+after ``unit_range`` and ≤ 0.5 / (255 · std_c) after ``imagenet`` normalisation, which is applied when
+images are read and is not part of the cache.
+
+A build writes each class file atomically (``<class_id>.npy.tmp``, then a rename) and lists the classes
+done so far in ``cache.partial.json``, so an interrupted build resumes: a class is rebuilt unless its
+file has the right shape and its record file still has the size it had when the class was built.
+``cache.json`` is written last; a cache without it is not read.
+
+Example:
+    >>> data = BenchmarkData("md_mini", decoded_cache="/data/decoded")  # after `build md_mini --cache /data/decoded`
+
+Command line::
+
+    python -m benchmark.cache build BENCHMARK [--sources NAME ...] [--records ROOT] [--cache DIR] [--workers N]
+    python -m benchmark.cache verify BENCHMARK [--sources NAME ...] [--records ROOT] [--cache DIR] [--per-class K]
+
+``--cache`` defaults to ``$SMAT_BENCH_DECODED``, else ``<records root>/decoded``.
+"""
+
+import argparse
+import contextlib
+import hashlib
+import json
+import multiprocessing
+import os
+import shlex
+import time
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from benchmark.episodes import BenchmarkData
+from registry.dataset_spec import SPEC_FILENAME
+from registry.errors import DataError, exit_on_error
+
+__all__ = ["DECODED_ENV", "TOLERANCE", "DecodedCache", "DecodedSource", "build_source", "verify_source"]
+
+FORMAT = 1
+DECODED_ENV = "SMAT_BENCH_DECODED"
+META = "cache.json"
+PARTIAL = "cache.partial.json"  # the classes of an unfinished build; replaced by cache.json at its end
+TOLERANCE = {"center_crop": 0.0, "squash": 0.5}  # largest |cached − decoded| grey level, per resize
+CHUNK = 64  # records decoded at a time: bounds the float32 pixels held while a class is built or verified
+
+
+def _shape(count, preprocess):
+    return (count, 3, preprocess.image_size, preprocess.image_size)
+
+
+def _header(source, spec, preprocess):
+    """The fields of ``cache.json`` other than ``classes``: what the cache was built from."""
+    digest = hashlib.sha256(Path(spec.path, SPEC_FILENAME).read_bytes()).hexdigest()
+    return dict(format=FORMAT, source=source, image_size=preprocess.image_size, resize=preprocess.resize,
+                spec_sha256=digest)
+
+
+def _class_array(path, shape):
+    """The memory-mapped class file ``path`` if it is a uint8 C-order array of ``shape``, else None."""
+    try:
+        array = np.load(path, mmap_mode="r")
+    except (OSError, ValueError, EOFError):
+        return None
+    return array if array.dtype == np.uint8 and array.shape == shape and array.flags.c_contiguous else None
+
+
+def _write_json(path, value):
+    """Write ``value`` to ``path`` atomically (via ``path.tmp``)."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(value, indent=1) + "\n")
+    os.replace(tmp, path)
+
+
+class DecodedCache:
+    """A cache root: the decoded caches of a benchmark's sources, and the command that builds each.
+
+    Args:
+        root: the cache directory (``--cache``).
+        benchmark: the benchmark named in build commands (its ``preprocessing`` decides the resize).
+        records_root: the records the caches are built from.
+    """
+
+    def __init__(self, root, benchmark, records_root):
+        self.root, self.benchmark, self.records_root = Path(root), benchmark, Path(records_root)
+
+    def directory(self, source, preprocess):
+        """``root/<source>/<resize>-<s>``: the cache of ``source`` under ``preprocess``."""
+        return self.root / source / f"{preprocess.resize}-{preprocess.image_size}"
+
+    def build_command(self, source):
+        """The command that builds, resumes or refreshes the cache of ``source``."""
+        return shlex.join(["python", "-m", "benchmark.cache", "build", self.benchmark, "--sources", source,
+                           "--records", str(self.records_root), "--cache", str(self.root)])
+
+    def open(self, source, spec, preprocess):
+        """The checked `DecodedSource` of ``source`` (whose spec is ``spec``) under ``preprocess``."""
+        return DecodedSource(self, source, spec, preprocess)
+
+
+class DecodedSource:
+    """The decoded cache of one source for one preprocessing, checked against the source's spec when opened.
+
+    Opening checks that ``cache.json`` exists and was built from this ``dataset_spec.json`` (SHA-256),
+    for this image size and resize, with the spec's record count for every class. The object holds no
+    open file (each `pixels` call maps the class file anew), so it pickles into DataLoader workers.
+
+    Raises:
+        DataError: the cache is missing, unfinished or stale; names ``cache.json`` and the build command.
+    """
+
+    def __init__(self, cache, source, spec, preprocess):
+        self.source, self.spec, self.preprocess = source, spec, preprocess
+        self.directory = cache.directory(source, preprocess)
+        self.fix = f"rebuild with: {cache.build_command(source)}"
+        meta_file, spec_file = self.directory / META, Path(spec.path, SPEC_FILENAME)
+        try:
+            meta = json.loads(meta_file.read_text())
+        except FileNotFoundError:
+            raise DataError(
+                f"{meta_file}: no decoded cache of source '{source}' (never built, or its build did not finish); "
+                f"build it with: {cache.build_command(source)}"
+            ) from None
+        except ValueError:
+            raise DataError(f"{meta_file}: not valid JSON; {self.fix}") from None
+        meta = meta if isinstance(meta, dict) else {}
+        for key, want in _header(source, spec, preprocess).items():
+            if meta.get(key) != want:
+                what = (f"built from another {spec_file} (its SHA-256 changed)" if key == "spec_sha256"
+                        else f"{key} is {meta.get(key)!r}, expected {want!r}")
+                raise DataError(f"{meta_file}: {what}; {self.fix}")
+        classes = meta.get("classes") if isinstance(meta.get("classes"), dict) else {}
+        if set(classes) != {str(c) for c in range(spec.num_classes)}:
+            raise DataError(
+                f"{meta_file}: caches {len(classes)} classes, {spec_file} has {spec.num_classes}; {self.fix}"
+            )
+        for c in range(spec.num_classes):
+            entry, want = classes[str(c)], spec.get_total_images_per_class(c)
+            have = entry.get("records") if isinstance(entry, dict) else None
+            if have != want:
+                raise DataError(
+                    f"{meta_file}: class {c} has {have} cached records, {spec_file} says {want}; {self.fix}"
+                )
+        self.classes = classes  # per class: {"bytes": record file size when built, "records": count}
+
+    def class_path(self, class_id):
+        return self.directory / f"{class_id}.npy"
+
+    def array(self, class_id):
+        """The memory-mapped ``uint8 N×3×s×s`` pixels of class ``class_id``, mapped anew on each call.
+
+        Raises:
+            DataError: the class file is missing or not a uint8 C-order array of the spec's shape.
+        """
+        path, shape = self.class_path(class_id), _shape(self.spec.get_total_images_per_class(class_id), self.preprocess)
+        array = _class_array(path, shape)
+        if array is None:
+            what = f"not a uint8 C-order array of shape {shape}" if path.exists() else "missing class file"
+            raise DataError(f"{path}: {what} of the decoded cache of '{self.source}'; {self.fix}")
+        return array
+
+    def pixels(self, class_id, indices):
+        """Cached pixels of records ``indices`` of class ``class_id``: a uint8 ``N×3×s×s`` tensor (a copy)."""
+        return torch.from_numpy(self.array(class_id)[np.asarray(indices, dtype=np.int64)])
+
+
+def _build_class(records, directory, class_id):
+    """Write ``<class_id>.npy`` atomically (via ``<class_id>.npy.tmp``); return ``class_id``.
+
+    Pixels are rounded to the nearest grey level (the identity under ``center_crop``); bilinear
+    resizing gives convex combinations of uint8 levels, so the rounded values fit in uint8.
+    """
+    n = records.spec.get_total_images_per_class(class_id)
+    array = np.empty(_shape(n, records.preprocess), dtype=np.uint8)
+    for start in range(0, n, CHUNK):
+        stop = min(n, start + CHUNK)
+        array[start:stop] = records.pixels(class_id, range(start, stop)).round().to(torch.uint8).numpy()
+    path = directory / f"{class_id}.npy"
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        with open(tmp, "wb") as f:
+            np.save(f, array)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return class_id
+
+
+def _built_classes(path, header):
+    """The per-class entries of the ``cache.json`` or ``cache.partial.json`` at ``path``.
+
+    Only a file written for the same source, resize and size counts (whatever its spec); {} otherwise.
+    """
+    try:
+        meta = json.loads(path.read_text())
+        same = all(meta[key] == header[key] for key in ("format", "source", "image_size", "resize"))
+        return dict(meta["classes"]) if same else {}
+    except (OSError, ValueError, TypeError, KeyError):
+        return {}
+
+
+def build_source(cache, records, workers=1):
+    """Build, resume or refresh the decoded cache of one source; return the one-line summary.
+
+    A class is kept when its file has the shape the spec gives and its record file the size and count
+    recorded when it was built; every other class is decoded (`SourceRecords.pixels`) and written.
+    ``cache.json`` is removed first and written last, so the cache is read only when complete.
+
+    Args:
+        cache: the `DecodedCache` to build in.
+        records: the source's `SourceRecords` (its spec and preprocessing decide what is written).
+        workers: processes building classes in parallel; the files do not depend on it.
+
+    Raises:
+        DataError: a record file is missing, corrupt or disagrees with the spec.
+    """
+    began = time.perf_counter()
+    name, spec, preprocess = records.source.name, records.spec, records.preprocess
+    directory = cache.directory(name, preprocess)
+    directory.mkdir(parents=True, exist_ok=True)
+    header = _header(name, spec, preprocess)
+    built = {**_built_classes(directory / META, header), **_built_classes(directory / PARTIAL, header)}
+    entries, todo = {}, {}
+    for c in range(spec.num_classes):
+        entry = {"bytes": records.record_file(c).path.stat().st_size, "records": spec.get_total_images_per_class(c)}
+        present = _class_array(directory / f"{c}.npy", _shape(entry["records"], preprocess)) is not None
+        if present and built.get(str(c)) == entry:
+            entries[str(c)] = entry
+        else:
+            todo[c] = entry
+    _write_json(directory / PARTIAL, {**header, "classes": entries})
+    (directory / META).unlink(missing_ok=True)
+    with contextlib.ExitStack() as stack:
+        # The pool is forked before tqdm starts its monitor thread; one torch thread per process.
+        pool = None if workers == 1 else stack.enter_context(multiprocessing.Pool(workers, torch.set_num_threads, (1,)))
+        bar = stack.enter_context(
+            tqdm(total=sum(e["records"] for e in todo.values()), desc=name, unit="img", disable=None)
+        )
+        job = partial(_build_class, records, directory)
+        for c in map(job, todo) if pool is None else pool.imap_unordered(job, todo):
+            entries[str(c)] = todo[c]
+            _write_json(directory / PARTIAL, {**header, "classes": entries})
+            bar.update(todo[c]["records"])
+    _write_json(directory / META, {**header, "classes": {str(c): entries[str(c)] for c in range(spec.num_classes)}})
+    (directory / PARTIAL).unlink()
+    images = sum(e["records"] for e in entries.values())
+    size = sum(directory.joinpath(f"{c}.npy").stat().st_size for c in range(spec.num_classes))
+    return (
+        f"{name}: {spec.num_classes} classes ({len(todo)} built, {spec.num_classes - len(todo)} up to date), {images} images, "
+        f"{size / 2**20:.1f} MiB in {directory}, {time.perf_counter() - began:.1f} s"
+    )
+
+
+def verify_source(cache, records, per_class=None):
+    """Check the decoded cache of one source against its spec and records; return the one-line summary.
+
+    Checks ``cache.json`` against the spec (`DecodedSource`), every record file's size against the one
+    the cache was built from, every class file's shape, and re-decodes every record (or ``per_class``
+    random ones per class, drawn by a generator seeded with the class id): the cached pixels must equal
+    `SourceRecords.pixels` under ``center_crop`` and be within 0.5 grey level of them under ``squash``.
+
+    Raises:
+        DataError: the first fault; names the file (and the record) and the build command.
+    """
+    began = time.perf_counter()
+    name, spec = records.source.name, records.spec
+    decoded = cache.open(name, spec, records.preprocess)
+    tolerance = TOLERANCE[records.preprocess.resize]
+    checked = total = 0
+    for c in tqdm(range(spec.num_classes), desc=name, unit="class", disable=None):
+        path = records.record_file(c).path
+        size, built = path.stat().st_size, decoded.classes[str(c)].get("bytes")
+        if size != built:
+            raise DataError(f"{path}: {size} bytes, but {decoded.class_path(c)} was built from {built}; {decoded.fix}")
+        n = len(decoded.array(c))
+        if per_class is None:
+            picked = np.arange(n)
+        else:
+            picked = np.sort(np.random.default_rng(c).choice(n, min(per_class, n), replace=False))
+        for start in range(0, len(picked), CHUNK):
+            chunk = picked[start : start + CHUNK]
+            error = (decoded.pixels(c, chunk).float() - records.pixels(c, chunk)).abs().amax(dim=(1, 2, 3))
+            bad = torch.nonzero(error > tolerance).flatten()
+            if len(bad):
+                i, worst = int(chunk[bad[0]]), float(error[bad[0]])
+                raise DataError(
+                    f"{decoded.class_path(c)}: record {i} differs from record {i} of {path} by {worst:g} grey levels "
+                    f"(allowed: {tolerance:g}); delete {decoded.class_path(c)} and {decoded.fix}"
+                )
+        checked, total = checked + len(picked), total + n
+    agreement = "equal" if tolerance == 0 else f"within {tolerance:g} grey level"
+    return (
+        f"{name}: {spec.num_classes} classes, {checked} of {total} cached images match their records ({agreement}) "
+        f"in {time.perf_counter() - began:.1f} s"
+    )
+
+
+def _sources(args):
+    """The cache and the `SourceRecords` (records decoded, not cached) that a command works on."""
+    data = BenchmarkData(args.benchmark, args.records)
+    root = args.cache or os.environ.get(DECODED_ENV) or data.records_root / "decoded"
+    cache = DecodedCache(root, data.benchmark.name, data.records_root)
+    return cache, [data.source(name) for name in args.sources or data.sources]
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="python -m benchmark.cache", description=__doc__.split("\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    build = commands.add_parser("build", help="decode and resize the records of a benchmark's sources into the cache")
+    verify = commands.add_parser("verify", help="check a built cache against the specs and by re-decoding records")
+    for command in (build, verify):
+        command.add_argument("benchmark", metavar="BENCHMARK",
+                             help="a benchmark of registry/benchmarks.toml; its preprocessing decides the resize")
+        command.add_argument("--sources", nargs="+", metavar="NAME", help="only these sources (default: all it uses)")
+        command.add_argument("--records", metavar="ROOT",
+                             help="records root (default: as benchmark.run, e.g. $SMAT_BENCH_RECORDS)")
+        command.add_argument("--cache", metavar="DIR", help=f"cache root (default: ${DECODED_ENV}, else ROOT/decoded)")
+    build.add_argument("--workers", metavar="N", type=int, default=1, help="processes building classes (default 1)")
+    verify.add_argument("--per-class", metavar="K", type=int,
+                        help="re-decode K random records per class (default: all)")
+    args = parser.parse_args(argv)
+    with exit_on_error(parser.prog):
+        if args.command == "build" and args.workers < 1:
+            raise DataError(f"--workers is {args.workers}; it must be at least 1")
+        if args.command == "verify" and args.per_class is not None and args.per_class < 1:
+            raise DataError(f"--per-class is {args.per_class}; at least 1 (leave it out to check all records)")
+        cache, sources = _sources(args)
+        for records in sources:
+            if args.command == "build":
+                print(build_source(cache, records, args.workers), flush=True)
+            else:
+                print(verify_source(cache, records, args.per_class), flush=True)
+
+
+if __name__ == "__main__":
+    main()
