@@ -120,6 +120,7 @@ def evaluate(method, data, adapters, store, run_info, device="cpu", lr_grid=DEFA
     for adapter_name in adapters:
         get_adapter(adapter_name, method)  # fail before any work on an adapter that does not apply
     summary = {}
+    cuda = torch.device(device).type == "cuda"  # pinned episodes, non-blocking copies
     for source in bench.test_sources:
         episodes = data.eval_episodes(source.name, Split.TEST, num_episodes=num_episodes)
         for adapter_name in adapters:
@@ -129,7 +130,7 @@ def evaluate(method, data, adapters, store, run_info, device="cpu", lr_grid=DEFA
                 dict(adaptation=adapter_name, source=source.name, split="test", seed=episodes.seed, episode=i)) not in store]
             world, rank = distributed.world_size(), distributed.rank()
             rounds = range(0, len(todo), world)  # round r: process p takes episode todo[r + p]
-            loader = iter(episode_loader(torch.utils.data.Subset(episodes, todo[rank::world]), workers))
+            loader = iter(episode_loader(torch.utils.data.Subset(episodes, todo[rank::world]), workers, cuda))
             for start in tqdm(rounds, desc=f"{source.name} {adapter_name}", file=sys.stderr, leave=False,
                               disable=not (progress and distributed.is_main())):
                 row = None

@@ -1,12 +1,14 @@
 """``python -m benchmark.perf``: performance figures, measured on this machine, never asserted in tests.
 
-* ``data``: episodes/s of decoded episode assembly from records;
+* ``data``: episodes/s of episode assembly, decoding records and reading the decoded cache;
 * ``adapters``: seconds and peak GPU memory per task of the meta-test adapters on one synthetic
-  real-size episode (Table 5 of the paper beside, with the ratio);
-* ``step``: a SMAT meta-training step against a PMF step on the same tasks.
+  real-size episode, as Table 5: the paper's figure beside, their ratio, and the targets;
+* ``step``: a SMAT meta-training step against a PMF step on the same tasks;
+* ``all``: the three in one run and one JSON file — the prepared script for a GPU machine.
 
 ``data`` reports episodes/s and images/s for assembling whole episodes (description, record reads, JPEG
 decode, resize, normalise) through the same `DataLoader` path that training and evaluation use,
+from the records and from a decoded cache (`benchmark.cache`, built first; its build time is a row),
 for two inputs:
 
 * ``mini``: the embedded mini benchmark (32 px), every test source;
@@ -14,16 +16,15 @@ for two inputs:
   resized to 128 px), sampled with the official variable-way/shot config, so episodes hold up to
   500 support and 10 query images per class, as on real Meta-Dataset sources.
 
-Figures are printed, never asserted: performance claims live here, not in tests.
-
 ``adapters`` and ``step`` build the backbone with random weights (timing does not depend on them) and
 use synthetic episodes already on the device, so they measure compute alone; bf16 autocast on CUDA.
+Times are medians of ``--repeats`` calls after a warm-up; memory is the peak allocated by PyTorch.
 Each prints a table and, with ``--json FILE``, writes the figures with the device name.
 
 Example:
     python -m benchmark.perf data --workers 0 2 --episodes 20
     python -m benchmark.perf adapters --json adapters.json     # on a GPU: the Table 5 figures
-    python -m benchmark.perf step --json step.json
+    python -m benchmark.perf all --compile-merge --json perf.json
 """
 
 import argparse
@@ -40,7 +41,7 @@ from tqdm import tqdm
 
 from benchmark.episodes import BenchmarkData, episode_loader
 from benchmark.records import encode_example, write_records
-from registry.catalog import Benchmark, Source
+from registry.catalog import Benchmark, Source, get_benchmark
 from registry.dataset_spec import DatasetSpecification, Split, dump_dataset_spec
 from registry.errors import exit_on_error
 
@@ -89,33 +90,72 @@ def time_episodes(data, source, num_episodes, workers):
     return time.perf_counter() - start, num_episodes, images
 
 
-def report(label, seconds, episodes, images):
-    print(f"{label:<40} {episodes / seconds:8.2f} episodes/s {images / seconds:9.0f} images/s "
-          f"({episodes} episodes, {images} images, {seconds:.1f} s)")
+def measure_data(args, tmp):
+    """[{input, path, workers, episodes_per_s, images_per_s, ...}] for each input, with and without the cache.
+
+    The decoded cache of each input is built (``--workers`` processes, the largest count timed) into
+    ``tmp`` first; its build time is reported as a row of its own.
+    """
+    from benchmark.cache import DecodedCache, build_source
+
+    inputs = {}
+    if "mini" in args.inputs:
+        inputs["md_mini (all test sources, 32 px)"] = (get_benchmark("md_mini"), None)
+    if "md" in args.inputs:
+        width, height = args.image_px
+        inputs[f"perf_md ({width}x{height} JPEG -> 128 px)"] = (
+            write_md_sized_source(tmp, args.classes, args.images_per_class, width, height), tmp)
+    rows = []
+    for label, (benchmark, records_root) in inputs.items():
+        plain = BenchmarkData(benchmark, records_root)
+        cache = DecodedCache(Path(tmp) / "decoded", benchmark.name, plain.records_root)
+        began = time.perf_counter()
+        for records in plain.sources.values():  # a cached BenchmarkData needs every source it uses
+            build_source(cache, records, workers=max(max(args.workers), 1))
+        rows.append(dict(input=label, path="cache build (every source)", workers=max(max(args.workers), 1),
+                         seconds=time.perf_counter() - began))
+        cached = BenchmarkData(benchmark, records_root, decoded_cache=cache.root)
+        for path, data in (("records", plain), ("decoded cache", cached)):
+            for workers in args.workers:
+                timings = [time_episodes(data, s.name, args.episodes, workers) for s in benchmark.test_sources]
+                seconds, episodes, images = map(sum, zip(*timings))
+                rows.append(dict(input=label, path=path, workers=workers, seconds=seconds, episodes=episodes,
+                                 images=images, episodes_per_s=episodes / seconds, images_per_s=images / seconds))
+    return rows
+
+
+def data_table(rows):
+    from tabulate import tabulate
+
+    body = [[r["input"], r["path"], r["workers"], _cell(r.get("episodes_per_s"), ".2f"), _cell(r.get("images_per_s"), ".0f"),
+             f"{r['seconds']:.1f}"] for r in rows]
+    return tabulate(body, ["input", "path", "workers", "episodes/s", "images/s", "seconds"], tablefmt="github",
+                    disable_numparse=True)
+
+
+def _cpu_label():
+    import os
+
+    import torch
+
+    return f"{os.cpu_count()} CPU cores ({len(os.sched_getaffinity(0))} usable), {torch.get_num_threads()} torch thread(s)"
 
 
 def run_data(args):
+    """Episodes/s from records and from the decoded cache, for each input and worker count."""
     import torch
 
     torch.set_num_threads(1)  # one core per loader process, so worker counts compare fairly
-    print(f"# data pipeline on {torch.get_num_threads()} torch thread(s) per process, "
-          f"{len(__import__('os').sched_getaffinity(0))} CPU core(s)")
-    if "mini" in args.inputs:
-        data = BenchmarkData("md_mini")
-        for workers in args.workers:
-            timings = [time_episodes(data, s.name, args.episodes, workers) for s in data.benchmark.test_sources]
-            report(f"md_mini (all test sources, 32 px) w={workers}", *map(sum, zip(*timings)))
-    if "md" in args.inputs:
-        with tempfile.TemporaryDirectory(prefix="smat-perf-") as tmp:
-            width, height = args.image_px
-            benchmark = write_md_sized_source(tmp, args.classes, args.images_per_class, width, height)
-            data = BenchmarkData(benchmark, tmp)
-            for workers in args.workers:
-                report(f"perf_md ({width}x{height} JPEG -> 128 px) w={workers}",
-                       *time_episodes(data, "perf_md", args.episodes, workers))
+    print(f"# data pipeline on {_cpu_label()} per process")
+    with tempfile.TemporaryDirectory(prefix="smat-perf-") as tmp:
+        rows = measure_data(args, tmp)
+    print(data_table(rows))
+    _write_json(args.json, dict(device=_cpu_label(), what="data", episodes=args.episodes, rows=rows))
 
 
-PAPER_TABLE5 = {"protonet": (0.2, 4332), "gradient_free": (6.4, 4332), "full": (11.8, 17264)}  # s/task, MiB
+PAPER_TABLE5 = {"protonet": (0.2, 4332), "gradient_free": (6.4, 4332), "full": (11.8, 17264)}  # s/task, MiB (FP16)
+TARGETS = {"protonet": (0.02, None), "gradient_free": (0.6, None), "full": (1.5, 8000)}  # issue 9, one GPU
+STEP_RATIO_TARGET = 2.0  # SMAT step ÷ PMF step on the same tasks
 
 
 def _synthetic_task(ways, support, query, size, device, seed=0):
@@ -167,66 +207,147 @@ def _write_json(path, payload):
         print(f"wrote {path}")
 
 
-def run_adapters(args):
-    """Seconds and peak memory per task of protonet, gradient_free (≈50 evaluations) and full (50 steps)."""
+def _cell(value, fmt):
+    return "—" if value is None else format(value, fmt)
+
+
+def _met(value, target):
+    return "—" if value is None or target is None else ("yes" if value <= target else "no")
+
+
+def table5(adapters):
+    """Markdown Table 5: measured s/task and peak MiB beside the paper's, the speed-up and the issue's targets."""
+    from tabulate import tabulate
+
+    rows = []
+    for name, f in adapters.items():
+        target_s, target_mib = TARGETS.get(name, (None, None))
+        speedup = f["paper_seconds"] / f["seconds"] if f.get("paper_seconds") else None
+        rows.append([name, _cell(f["seconds"], ".3f"), _cell(f.get("paper_seconds"), "g"), _cell(speedup, ".1f"),
+                     _cell(target_s, "g"), _met(f["seconds"], target_s), _cell(f["peak_memory_mib"], ".0f"),
+                     _cell(f.get("paper_memory_mib"), "d"), _cell(target_mib, "d"), _met(f["peak_memory_mib"], target_mib)])
+    header = ["adapter", "s/task", "paper s/task", "paper ÷ ours", "target s", "met", "peak MiB", "paper MiB",
+              "target MiB", "met"]
+    return tabulate(rows, header, tablefmt="github", disable_numparse=True)
+
+
+def measure_adapters(args, device):
+    """{adapter: figures} of protonet, gradient_free (≈50 evaluations) and full (50 steps) on one episode."""
     import torch
 
     from methods import create_backbone, create_method
     from methods.adapters import get_adapter, seeded_generator
 
-    device = _device(args)
     torch.manual_seed(0)
     smat = create_method("smat", backbone=create_backbone(args.backbone, pretrained=False)).to(device)
     task = _synthetic_task(args.ways, args.support, args.query, args.image_size, device)
     figures = {}
-    print(f"# adapters on {_device_label(device)}: {args.backbone}, {args.ways}-way, {args.support} support + "
-          f"{args.query} query at {args.image_size} px")
-    print(f"{'adapter':<16}{'s/task':>10}{'paper':>8}{'ratio':>8}{'peak MiB':>10}{'paper':>8}")
-    for name in args.adapters:
+    for name in tqdm(args.adapters, desc="adapters", file=sys.stderr, leave=False, disable=None):
         adapter = get_adapter(name, smat)
         seconds, peak = _timed(lambda: adapter(smat, task, 1e-4, seeded_generator(name)), device, args.repeats)
         paper_s, paper_mib = PAPER_TABLE5.get(name, (None, None))
         figures[name] = dict(seconds=seconds, peak_memory_mib=peak, paper_seconds=paper_s, paper_memory_mib=paper_mib)
-        ratio = f"{paper_s / seconds:7.1f}x" if paper_s else "      -"
-        print(f"{name:<16}{seconds:>10.3f}{paper_s or '-':>8}{ratio:>8}{peak or '-':>10}{paper_mib or '-':>8}")
-    _write_json(args.json, dict(device=_device_label(device), backbone=args.backbone, ways=args.ways,
-                                support=args.support, query=args.query, image_size=args.image_size, adapters=figures))
+    return figures
 
 
-def run_step(args):
-    """One SMAT meta-training step against one PMF step on the same tasks (the ratio the issue bounds by 2)."""
+def measure_step(args, device):
+    """{pmf, smat: figures} of one meta-training step on the same tasks, and their ratio."""
     import torch
 
     from methods import create_backbone, create_method
 
-    device = _device(args)
     tasks = [_synthetic_task(args.ways, args.support, args.query, args.image_size, device, seed=i)
              for i in range(args.tasks)]
+    variants = {"pmf": ("pmf", {}), "smat": ("smat", {})}
+    if args.compile_merge:
+        variants["smat_compiled_merge"] = ("smat", {"compile_merge": True})
     figures = {}
-    for name in ("pmf", "smat"):
+    for label, (name, options) in variants.items():
         torch.manual_seed(0)
         method = create_method(name, backbone=create_backbone(args.backbone, pretrained=False),
-                               tasks_per_step=args.tasks).to(device)
+                               tasks_per_step=args.tasks, **options).to(device)
         method.configure_training(10 * args.repeats + 10)
         seconds, peak = _timed(lambda: method.meta_train_step(tasks), device, args.repeats)
-        figures[name] = dict(seconds=seconds, peak_memory_mib=peak)
-        print(f"{name:<6} step {seconds:8.3f} s  peak {peak or '-'} MiB")
-    ratio = figures["smat"]["seconds"] / figures["pmf"]["seconds"]
-    print(f"SMAT step / PMF step = {ratio:.2f} (target <= 2.0) on {_device_label(device)}")
-    _write_json(args.json, dict(device=_device_label(device), backbone=args.backbone, tasks=args.tasks,
-                                support=args.support, query=args.query, image_size=args.image_size,
-                                steps=figures, ratio=ratio))
+        figures[label] = dict(seconds=seconds, peak_memory_mib=peak)
+    ratios = {label: f["seconds"] / figures["pmf"]["seconds"] for label, f in figures.items() if label != "pmf"}
+    return dict(steps=figures, ratio=min(ratios.values()), ratios=ratios)
 
 
-def _compute_flags(parser, support, query):
-    parser.add_argument("--backbone", default="vit_small_patch16_224")
+def _describe(args, device, what):
+    return dict(device=_device_label(device), backbone=args.backbone, image_size=args.image_size, ways=args.ways,
+                support=args.support, query=args.query, what=what)
+
+
+def print_step(step, device):
+    for name, f in step["steps"].items():
+        print(f"{name:<6} step {f['seconds']:8.3f} s  peak {_cell(f['peak_memory_mib'], '.0f')} MiB")
+    for label, ratio in step["ratios"].items():
+        met = "met" if ratio <= STEP_RATIO_TARGET else "not met"
+        print(f"{label} step / PMF step = {ratio:.2f} (target <= {STEP_RATIO_TARGET}: {met}) on {_device_label(device)}")
+
+
+def run_adapters(args):
+    """Seconds and peak memory per task of the meta-test adapters, as Table 5."""
+    device = _device(args)
+    print(f"# adapters on {_device_label(device)}: {args.backbone} (random weights), {args.ways}-way, "
+          f"{args.support} support + {args.query} query at {args.image_size} px")
+    figures = measure_adapters(args, device)
+    print(table5(figures))
+    _write_json(args.json, {**_describe(args, device, "adapters"), "adapters": figures})
+
+
+def run_step(args):
+    """One SMAT meta-training step against one PMF step on the same tasks (the ratio the issue bounds by 2)."""
+    device = _device(args)
+    print(f"# meta-training step on {_device_label(device)}: {args.backbone} (random weights), {args.tasks} tasks "
+          f"of {args.support} support + {args.query} query at {args.image_size} px")
+    step = measure_step(args, device)
+    print_step(step, device)
+    _write_json(args.json, {**_describe(args, device, "step"), "tasks": args.tasks, **step})
+
+
+def run_all(args, parser):
+    """Every figure in one run (the prepared script for a GPU machine): data, adapters (Table 5), step."""
+    import torch
+
+    device = _device(args)
+    shared = ["--backbone", args.backbone, "--image-size", str(args.image_size), "--repeats", str(args.repeats),
+              "--device", str(device)]
+    data_args = parser.parse_args(["data", "--workers", *map(str, args.workers), "--episodes", str(args.episodes)])
+    adapter_args = parser.parse_args(["adapters", *shared])
+    step_args = parser.parse_args(["step", *shared, *(["--compile-merge"] if args.compile_merge else [])])
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    print(f"# data pipeline on {_cpu_label()} per process")
+    with tempfile.TemporaryDirectory(prefix="smat-perf-") as tmp:
+        data = measure_data(data_args, tmp)
+    print(data_table(data))
+    torch.set_num_threads(threads)
+    print(f"\n# Table 5 on {_device_label(device)}: {args.backbone} (random weights), {adapter_args.ways}-way, "
+          f"{adapter_args.support} support + {adapter_args.query} query at {args.image_size} px")
+    adapters = measure_adapters(adapter_args, device)
+    print(table5(adapters))
+    print(f"\n# meta-training step: {step_args.tasks} tasks of {step_args.support} support + {step_args.query} query")
+    step = measure_step(step_args, device)
+    print_step(step, device)
+    _write_json(args.json, dict(device=_device_label(device), cpu=_cpu_label(), backbone=args.backbone,
+                                image_size=args.image_size, torch=torch.__version__, data=data,
+                                adapters=dict(ways=adapter_args.ways, support=adapter_args.support,
+                                              query=adapter_args.query, figures=adapters),
+                                step=dict(tasks=step_args.tasks, support=step_args.support, query=step_args.query, **step)))
+
+
+def _compute_flags(parser, support=None, query=None):
+    """The model and device flags; with ``support`` and ``query``, also the synthetic episode's size."""
+    parser.add_argument("--backbone", default="vit_small_patch16_224", help="timm model (random weights)")
     parser.add_argument("--image-size", type=int, default=128)
-    parser.add_argument("--ways", type=int, default=20)
-    parser.add_argument("--support", type=int, default=support)
-    parser.add_argument("--query", type=int, default=query)
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--device", default="auto")
+    parser.add_argument("--repeats", type=int, default=3, help="timed calls after one warm-up (median reported)")
+    parser.add_argument("--device", default="auto", help="auto (CUDA when available), cpu or cuda[:N]")
     parser.add_argument("--json", help="also write the figures to this JSON file")
+    if support is not None:
+        parser.add_argument("--ways", type=int, default=20)
+        parser.add_argument("--support", type=int, default=support)
+        parser.add_argument("--query", type=int, default=query)
 
 
 def main(argv=None):
@@ -239,15 +360,25 @@ def main(argv=None):
     data.add_argument("--classes", type=int, default=50, help="classes of the generated MD-sized source")
     data.add_argument("--images-per-class", type=int, default=120)
     data.add_argument("--image-px", type=int, nargs=2, default=[320, 240], metavar=("W", "H"))
+    data.add_argument("--json", help="also write the figures to this JSON file")
     adapters = commands.add_parser("adapters", help="s/task and peak memory of the meta-test adapters (Table 5)")
     _compute_flags(adapters, support=400, query=200)
     adapters.add_argument("--adapters", nargs="+", default=["protonet", "gradient_free", "full"])
     step = commands.add_parser("step", help="a SMAT meta-training step against a PMF step on the same tasks")
     _compute_flags(step, support=100, query=100)
     step.add_argument("--tasks", type=int, default=4)
+    step.add_argument("--compile-merge", action="store_true", help="also time SMAT with smat.compile_merge = True")
+    every = commands.add_parser("all", help="data, adapters and step in one run, one JSON file")
+    _compute_flags(every)
+    every.add_argument("--workers", nargs="+", type=int, default=[0, 2], help="DataLoader worker counts to time")
+    every.add_argument("--episodes", type=int, default=10, help="data: episodes per source and worker count")
+    every.add_argument("--compile-merge", action="store_true", help="also time SMAT with smat.compile_merge = True")
     args = parser.parse_args(argv)
     with exit_on_error(PROG):
-        {"data": run_data, "adapters": run_adapters, "step": run_step}[args.command](args)
+        if args.command == "all":
+            run_all(args, parser)
+        else:
+            {"data": run_data, "adapters": run_adapters, "step": run_step}[args.command](args)
 
 
 if __name__ == "__main__":
