@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from benchmark.preprocess import Preprocess
-from benchmark.records import RecordFile, decode_image
+from benchmark.records import RecordFile, check_count, check_label, decode_image
 from registry.catalog import get_benchmark, resolve_records_root
 from registry.dataset_spec import Split
 from registry.errors import DataError
@@ -149,21 +149,13 @@ class SourceRecords:
             DataError: the class file is missing, holds another number of records than the spec says, or a
                 record has another label than ``class_id``.
         """
-        records = self.record_file(class_id)
-        expected = self.spec.get_total_images_per_class(class_id)
+        records, fix = self.record_file(class_id), self.source.how_to_fix()
         try:
-            if len(records) != expected:
-                raise DataError(
-                    f"{records.path}: {len(records)} records, dataset_spec.json says {expected}; "
-                    f"{self.source.how_to_fix()}"
-                )
+            check_count(records.path, len(records), self.spec.get_total_images_per_class(class_id), fix)
             out = []
             for i in indices:
                 image, label = records.example(int(i))
-                if label != class_id:
-                    raise DataError(
-                        f"{records.path}: record {i} has label {label}, expected {class_id}; {self.source.how_to_fix()}"
-                    )
+                check_label(records.path, i, label, class_id, fix)
                 out.append(self.preprocess.resized(decode_image(image, where=f"{records.path} record {i}")))
         finally:
             records.close()  # thousands of class files: keep the offsets, not the handles

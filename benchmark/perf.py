@@ -30,6 +30,7 @@ Example:
 import argparse
 import io
 import json
+import os
 import sys
 import tempfile
 import time
@@ -134,8 +135,6 @@ def data_table(rows):
 
 
 def _cpu_label():
-    import os
-
     import torch
 
     return f"{os.cpu_count()} CPU cores ({len(os.sched_getaffinity(0))} usable), {torch.get_num_threads()} torch thread(s)"

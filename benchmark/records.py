@@ -45,6 +45,8 @@ __all__ = [
     "RecordFile",
     "decode_image",
     "verify_source",
+    "check_label",
+    "check_count",
 ]
 
 _HEADER = struct.Struct("<QI")  # length, masked CRC of the length
@@ -343,6 +345,18 @@ def decode_image(image_bytes, where="image"):
         raise RecordError(f"{where}: not a decodable image ({err}); re-run the conversion of this source") from None
 
 
+def check_label(path, index, label, class_id, fix):
+    """Raise a `RecordError` unless record ``index`` of the class file ``path`` is labelled ``class_id``."""
+    if label != class_id:
+        raise RecordError(f"{path}: record {index}: label {label}, expected the class id {class_id}; {fix}")
+
+
+def check_count(path, count, expected, fix):
+    """Raise a `RecordError` unless the class file ``path`` holds the ``expected`` records of its spec."""
+    if count != expected:
+        raise RecordError(f"{path}: {count} records, dataset_spec.json says {expected}; {fix}")
+
+
 def verify_source(source_dir):
     """Check every class file of a converted source against its ``dataset_spec.json``.
 
@@ -361,18 +375,12 @@ def verify_source(source_dir):
     total = 0
     show = sys.stderr.isatty()
     for class_id in tqdm(range(spec.num_classes), desc=spec.name, unit="class", disable=not show):
-        path = spec.class_path(class_id)
+        path, fix = spec.class_path(class_id), f"re-run the Meta-Dataset conversion of {spec.name}"
         count = 0
         for count, payload in enumerate(iter_records(path), 1):
             _, label = decode_example(payload, where=f"{path}: record {count - 1}")
-            if label != class_id:
-                raise _fault(path, count - 1, f"label {label}, expected the class id {class_id}")
-        expected = spec.get_total_images_per_class(class_id)
-        if count != expected:
-            raise RecordError(
-                f"{path}: {count} records, dataset_spec.json says {expected}; "
-                f"re-run the Meta-Dataset conversion of {spec.name}"
-            )
+            check_label(path, count - 1, label, class_id, fix)
+        check_count(path, count, spec.get_total_images_per_class(class_id), fix)
         total += count
     elapsed = time.perf_counter() - began
     return f"{spec.name}: {spec.num_classes} classes, {total} records verified (CRC, labels, counts) in {elapsed:.1f} s"
