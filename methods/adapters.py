@@ -8,6 +8,8 @@ method's task model for that task, so nothing carries over between episodes:
   decay) on every backbone tensor of θ_i for ``steps`` steps. Each step: prototypes of the clean
   support (with gradient), logits of the augmented support against them, cross-entropy. The clean
   and augmented supports go through the network in one batch. lr 0 is ``protonet``.
+  θ_i is copied into one working copy of the backbone made once (optionally with gradient
+  checkpointing of its blocks, ``full.grad_checkpointing``).
 * ``lora``: LoRA (rank 8, alpha 32, dropout 0.1 — inactive, the backbone runs in eval mode) on the
   query and value projections of every block, through ``peft``, with the same protocol on the LoRA
   parameters only. timm fuses q, k and v into one ``attn.qkv`` Linear; `split_qkv` replaces it by
@@ -109,21 +111,45 @@ def protonet(method, task, lr, generator):
     return method.task_model(task.support_x, task.support_y, task.ways).predict(task.query_x)
 
 
+_DERIVED = weakref.WeakKeyDictionary()  # backbone -> {key: a module built from it once, reused by every task}
+
+
+def _derived(backbone, key, build):
+    """``build(backbone)``, made once per (backbone, ``key``) and kept while the backbone lives."""
+    built = _DERIVED.setdefault(backbone, {})
+    if key not in built:
+        built[key] = build(backbone)
+    return built[key]
+
+
 @gin.configurable("full", module="methods")
-def full(method, task, lr, generator, steps=50):
-    """Fine-tune every tensor of θ_i for ``steps`` Adam steps on the (augmented) support set."""
+def full(method, task, lr, generator, steps=50, grad_checkpointing=False):
+    """Fine-tune every tensor of θ_i for ``steps`` Adam steps on the (augmented) support set.
+
+    θ_i is copied into one working copy of the backbone, made once and reused by every task (no model
+    is created per task). ``grad_checkpointing`` recomputes each block's activations in the backward
+    pass (timm's ``set_grad_checkpointing``): about one more forward pass for far less memory.
+    """
     model = method.task_model(task.support_x, task.support_y, task.ways)
     if lr == 0 or steps == 0:
         return model.predict(task.query_x)
-    params = {n: p.detach().clone().requires_grad_() for n, p in model.params.items()}
+    device = task.support_x.device
+    work = _derived(method.backbone, ("full", str(device)), lambda backbone: copy.deepcopy(backbone).to(device))
+    names, params = zip(*work.named_parameters())
+    with torch.no_grad():
+        torch._foreach_copy_(list(params), [model.params[n] for n in names])
+    work.eval().requires_grad_(True).set_grad_checkpointing(grad_checkpointing)
 
     def features_of(x):
-        with autocast(task.support_x.device):
-            return forward_features(method.backbone, params, x)
+        with autocast(device):
+            return work(x).float()
 
-    _finetune(list(params.values()), lambda _: _support_loss(features_of, task, generator, model.scale, model.bias),
-              lr, steps)
-    return _predict(features_of, task, model.scale, model.bias)
+    try:
+        _finetune(params, lambda _: _support_loss(features_of, task, generator, model.scale, model.bias), lr, steps)
+        return _predict(features_of, task, model.scale, model.bias)
+    finally:
+        for p in params:
+            p.grad = None  # the working copy keeps its weights until the next task, not their gradients
 
 
 class _SplitQKV(nn.Module):
@@ -195,20 +221,14 @@ class _LoRABackbone:
         return forward_features(self.module, params, x)
 
 
-_LORA_BACKBONES = weakref.WeakKeyDictionary()  # backbone -> {(rank, alpha, dropout): _LoRABackbone}
-
-
 @gin.configurable("lora", module="methods")
 def lora(method, task, lr, generator, steps=50, rank=8, alpha=32, dropout=0.1):
     """LoRA on the q and v projections of θ_i (peft), fine-tuned like ``full`` on its own parameters."""
     model = method.task_model(task.support_x, task.support_y, task.ways)
     if lr == 0 or steps == 0:
         return model.predict(task.query_x)
-    built = _LORA_BACKBONES.setdefault(method.backbone, {})
-    key = (rank, alpha, dropout)
-    if key not in built:
-        built[key] = _LoRABackbone(method.backbone, rank, alpha, dropout)
-    lora_backbone = built[key]
+    lora_backbone = _derived(method.backbone, ("lora", rank, alpha, dropout),
+                             lambda backbone: _LoRABackbone(backbone, rank, alpha, dropout))
     theta = {n: p.detach() for n, p in model.params.items()}
     lora_params = lora_backbone.fresh_lora(generator, task.support_x.device)
 

@@ -237,3 +237,14 @@ def test_compiled_gate_sampling_and_merge_equal_the_eager_ones():
             torch.testing.assert_close(fast_params[name], eager_params[name], rtol=1e-5, atol=1e-6)
     for g_eager, g_fast in zip(eager_grads, fast_grads):
         torch.testing.assert_close(g_fast, g_eager, rtol=1e-4, atol=1e-5)
+
+
+def test_full_fine_tuning_carries_nothing_between_tasks_and_checkpointing_changes_no_prediction():
+    from methods.adapters import full
+
+    method = trained_like("smat")
+    first, second = random_task(seed=6), random_task(seed=7)
+    alone = full(method, second, 1e-3, seeded_generator("b"), steps=5)
+    full(method, first, 1e-2, seeded_generator("a"), steps=5)  # the working copy now holds another task's weights
+    assert torch.equal(full(method, second, 1e-3, seeded_generator("b"), steps=5), alone)
+    assert_same_predictions(full(method, second, 1e-3, seeded_generator("b"), steps=5, grad_checkpointing=True), alone)
