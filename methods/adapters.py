@@ -227,7 +227,7 @@ def lora(method, task, lr, generator, steps=50, rank=8, alpha=32, dropout=0.1):
     model = method.task_model(task.support_x, task.support_y, task.ways)
     if lr == 0 or steps == 0:
         return model.predict(task.query_x)
-    lora_backbone = _derived(method.backbone, ("lora", rank, alpha, dropout),
+    lora_backbone = _derived(method.backbone, ("lora", rank, alpha, dropout, str(task.support_x.device)),
                              lambda backbone: _LoRABackbone(backbone, rank, alpha, dropout))
     theta = {n: p.detach() for n, p in model.params.items()}
     lora_params = lora_backbone.fresh_lora(generator, task.support_x.device)
