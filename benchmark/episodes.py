@@ -68,27 +68,45 @@ class EpisodeId:
 
 @dataclass
 class Episode:
-    """One decoded episode. Images are ``float32 N×3×s×s``; labels ``int64`` in ``0..ways−1``.
+    """One decoded episode; labels ``int64`` in ``0..ways−1``.
 
+    ``*_pixels`` are the resized images as assembled, ``N×3×s×s`` grey levels in [0, 255]: uint8 where
+    they are integers (from the decoded cache, or resized by ``center_crop``), else float32. They
+    travel between processes and to the GPU at a quarter of the size of float32 inputs; ``*_images``
+    (or `inputs` on a device) are the network inputs, ``preprocess.normalize``-d float32.
     ``*_records`` are ``int64 N×2`` arrays of (absolute class id, record index), for provenance.
     """
 
     id: EpisodeId
     description: tuple
-    support_images: torch.Tensor
+    support_pixels: torch.Tensor
     support_labels: torch.Tensor
-    query_images: torch.Tensor
+    query_pixels: torch.Tensor
     query_labels: torch.Tensor
     support_records: np.ndarray
     query_records: np.ndarray
+    preprocess: Preprocess
 
     @property
     def ways(self):
         return len(self.description)
 
+    def inputs(self, device="cpu"):
+        """(support images, query images): the pixels copied to ``device`` (non-blocking), then normalised there."""
+        return tuple(self.preprocess.normalize(p.to(device, non_blocking=True).float())
+                     for p in (self.support_pixels, self.query_pixels))
+
+    @property
+    def support_images(self):
+        return self.inputs()[0]
+
+    @property
+    def query_images(self):
+        return self.inputs()[1]
+
     def pin_memory(self):
         """This episode with its tensors in page-locked memory, so copies to a GPU can be non-blocking."""
-        tensors = ("support_images", "support_labels", "query_images", "query_labels")
+        tensors = ("support_pixels", "support_labels", "query_pixels", "query_labels")
         return dataclasses.replace(self, **{name: getattr(self, name).pin_memory() for name in tensors})
 
 
@@ -161,15 +179,21 @@ class SourceRecords:
             records.close()  # thousands of class files: keep the offsets, not the handles
         return torch.stack(out) if out else torch.empty(0, 3, self.preprocess.image_size, self.preprocess.image_size)
 
-    def images(self, class_id, indices):
-        """Records ``indices`` of absolute class ``class_id``, preprocessed (float32 ``N×3×s×s``).
+    def stored_pixels(self, class_id, indices):
+        """The pixels of records ``indices`` of class ``class_id`` as episodes carry them (`Episode`).
 
-        The pixels come from the decoded cache when there is one (equal to `pixels` under ``center_crop``,
-        `pixels` rounded to the nearest grey level under ``squash``), else from `pixels`; then
-        ``preprocess.normalize``.
+        From the decoded cache when there is one (equal to `pixels` under ``center_crop``, `pixels`
+        rounded to the nearest grey level under ``squash``), else `pixels`; uint8 whenever they are
+        integers, which under ``center_crop`` (PIL output) they always are.
         """
-        pixels = self.pixels(class_id, indices) if self.decoded is None else self.decoded.pixels(class_id, indices)
-        return self.preprocess.normalize(pixels.float())
+        if self.decoded is not None:
+            return self.decoded.pixels(class_id, indices)
+        pixels = self.pixels(class_id, indices)
+        return pixels.to(torch.uint8) if self.preprocess.resize == "center_crop" else pixels
+
+    def images(self, class_id, indices):
+        """Records ``indices`` of absolute class ``class_id``, preprocessed (float32 ``N×3×s×s``)."""
+        return self.preprocess.normalize(self.stored_pixels(class_id, indices).float())
 
     def episode(self, episode_id, description, split):
         """Assemble the `Episode` of ``description`` (relative ids of ``split``) for ``episode_id``."""
@@ -182,13 +206,13 @@ class SourceRecords:
             picked = rng.choice(n, size=k + q, replace=False)
             for name, indices in (("support", picked[:k]), ("query", picked[k:])):
                 images, labels, records = parts[name]
-                images.append(self.images(class_id, indices))
+                images.append(self.stored_pixels(class_id, indices))
                 labels.append(torch.full((len(indices),), label, dtype=torch.int64))
                 records.append(np.stack([np.full(len(indices), class_id), indices], axis=1))
         (s_img, s_lab, s_rec), (q_img, q_lab, q_rec) = (
             (torch.cat(i), torch.cat(l), np.concatenate(r).astype(np.int64)) for i, l, r in parts.values()
         )
-        return Episode(episode_id, description, s_img, s_lab, q_img, q_lab, s_rec, q_rec)
+        return Episode(episode_id, description, s_img, s_lab, q_img, q_lab, s_rec, q_rec, self.preprocess)
 
 
 class BenchmarkData:

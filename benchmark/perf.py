@@ -7,7 +7,8 @@
 * ``all``: the three in one run and one JSON file — the prepared script for a GPU machine.
 
 ``data`` reports episodes/s and images/s for assembling whole episodes (description, record reads, JPEG
-decode, resize, normalise) through the same `DataLoader` path that training and evaluation use,
+decode, resize) through the same `DataLoader` path that training and evaluation use (normalisation
+happens later, on the device, when an episode becomes a `methods.Task`),
 from the records and from a decoded cache (`benchmark.cache`, built first; its build time is a row),
 for two inputs:
 
@@ -88,7 +89,7 @@ def time_episodes(data, source, num_episodes, workers):
     start = time.perf_counter()
     for episode in tqdm(episode_loader(episodes, workers), total=num_episodes, desc=f"{source} w={workers}",
                         file=sys.stderr, leave=False, disable=None):
-        images += len(episode.support_images) + len(episode.query_images)
+        images += len(episode.support_labels) + len(episode.query_labels)
     return time.perf_counter() - start, num_episodes, images
 
 

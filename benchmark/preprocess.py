@@ -76,8 +76,8 @@ class Preprocess:
         """Grey levels in [0, 255] (``3×s×s``, or a batch ``N×3×s×s``) -> the network's input range, elementwise."""
         if self.normalization == "unit_range":
             return pixels / 127.5 - 1.0
-        mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
-        std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
+        mean = torch.tensor(IMAGENET_MEAN, device=pixels.device).view(3, 1, 1)
+        std = torch.tensor(IMAGENET_STD, device=pixels.device).view(3, 1, 1)
         return (pixels / 255.0 - mean) / std
 
     def __call__(self, image):

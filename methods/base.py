@@ -45,9 +45,10 @@ class Task:
 
     @classmethod
     def from_episode(cls, episode, device="cpu"):
-        e = episode
-        tensors = (e.support_images, e.support_labels, e.query_images, e.query_labels)
-        return cls(*(t.to(device, non_blocking=True) for t in tensors), e.ways)
+        """The task of a `benchmark.episodes.Episode`, its images normalised on ``device``."""
+        support_x, query_x = episode.inputs(device)
+        support_y, query_y = (y.to(device, non_blocking=True) for y in (episode.support_labels, episode.query_labels))
+        return cls(support_x, support_y, query_x, query_y, episode.ways)
 
 
 def autocast(device):

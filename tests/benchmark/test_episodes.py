@@ -8,6 +8,7 @@ import torch
 from conftest import pixel_code
 
 from benchmark.episodes import BenchmarkData, EpisodeId, episode_loader
+from methods import Task
 from benchmark.preprocess import IMAGENET_MEAN, IMAGENET_STD
 from registry.catalog import Benchmark, Source
 from registry.config import EpisodeDescriptionConfig
@@ -69,6 +70,17 @@ def test_images_are_the_records_the_episode_names(bench):
         assert decoded_codes(images) == [pixel_code(c, i) for c, i in records]
     assert episode.support_images.shape[1:] == (3, 8, 8) and episode.support_images.dtype == torch.float32
     assert episode.support_records[:, 0].min() >= 8 + 5  # TEST ids follow TRAIN and VALID
+
+
+def test_episodes_carry_uint8_pixels_and_normalise_them_where_they_go(bench):
+    """Under center_crop the resized grey levels are integers: episodes carry them as uint8 (a quarter of float32)."""
+    episode = bench.eval_episodes("beta", "test", num_episodes=1)[0]
+    assert episode.support_pixels.dtype == torch.uint8 and episode.query_pixels.dtype == torch.uint8
+    plain = bench.source("beta").pixels(int(episode.query_records[0, 0]), episode.query_records[:1, 1])
+    assert torch.equal(episode.query_pixels[:1].float(), plain)  # the conversion loses nothing
+    task = Task.from_episode(episode)
+    assert torch.equal(task.support_x, episode.support_images) and torch.equal(task.query_x, episode.query_images)
+    assert torch.equal(task.query_x[:1], episode.preprocess.normalize(plain))
 
 
 def test_episode_is_a_pure_function_of_its_identity(bench, tmp_path):
