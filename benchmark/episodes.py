@@ -91,18 +91,20 @@ class Episode:
     def ways(self):
         return len(self.description)
 
+    def _input(self, pixels, device):
+        return self.preprocess.normalize(pixels.to(device, non_blocking=True).float())
+
     def inputs(self, device="cpu"):
         """(support images, query images): the pixels copied to ``device`` (non-blocking), then normalised there."""
-        return tuple(self.preprocess.normalize(p.to(device, non_blocking=True).float())
-                     for p in (self.support_pixels, self.query_pixels))
+        return self._input(self.support_pixels, device), self._input(self.query_pixels, device)
 
     @property
     def support_images(self):
-        return self.inputs()[0]
+        return self._input(self.support_pixels, "cpu")
 
     @property
     def query_images(self):
-        return self.inputs()[1]
+        return self._input(self.query_pixels, "cpu")
 
     def pin_memory(self):
         """This episode with its tensors in page-locked memory, so copies to a GPU can be non-blocking."""
@@ -161,7 +163,7 @@ class SourceRecords:
     def pixels(self, class_id, indices):
         """Records ``indices`` of absolute class ``class_id``, decoded and resized: float32 ``N×3×s×s`` grey levels.
 
-        The one place where records become pixels: `images` and the decoded cache (`benchmark.cache`) use it.
+        The one place where records become pixels: `stored_pixels` and the decoded cache (`benchmark.cache`) use it.
 
         Raises:
             DataError: the class file is missing, holds another number of records than the spec says, or a

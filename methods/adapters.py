@@ -36,6 +36,7 @@ import copy
 import hashlib
 import re
 import weakref
+from functools import partial
 
 import gin
 import torch
@@ -255,11 +256,14 @@ def gradient_free(method, task, lr, generator, rounds=6, accept_probability=0.9)
         def params_of(binary):
             return method.deltas.merge(method.pretrained_params(), binary / binary.sum(), gates)
 
-        def support_loss(binary):
+        def features(params, x):
             with autocast(task.support_x.device):
-                features = forward_features(method.backbone, params_of(binary), task.support_x)
-            head = prototypes(features, task.support_y, task.ways)
-            return float(F.cross_entropy(cosine_logits(features, head), task.support_y))
+                return forward_features(method.backbone, params, x)
+
+        def support_loss(binary):
+            support = features(params_of(binary), task.support_x)
+            head = prototypes(support, task.support_y, task.ways)
+            return float(F.cross_entropy(cosine_logits(support, head), task.support_y))
 
         current_loss = best_loss = support_loss(selection)
         best = selection.clone()
@@ -276,13 +280,7 @@ def gradient_free(method, task, lr, generator, rounds=6, accept_probability=0.9)
                     selection, current_loss = candidate, loss
                 if loss < best_loss:
                     best, best_loss = candidate.clone(), loss
-        params = params_of(best)
-
-        def features_of(x):
-            with autocast(task.support_x.device):
-                return forward_features(method.backbone, params, x)
-
-        return _predict(features_of, task, 10.0, 0.0)
+        return _predict(partial(features, params_of(best)), task, 10.0, 0.0)
 
 
 @gin.configurable("full_joint", module="methods")

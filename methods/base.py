@@ -90,9 +90,8 @@ def support_query_features(features_of, support_x, query_x):
 class TaskModel:
     """A task-specific model: backbone parameters θ_i (a dict for ``functional_call``) and a ProtoNet head.
 
-    `fit` records the support set; the prototypes are computed when first needed, and the first
-    `logits` call computes them in the same forward pass as its queries (support and query in one
-    batch), so a ProtoNet prediction costs one pass.
+    `fit` records the support set; the first `logits` call computes the prototypes in the same forward
+    pass as its queries (support and query in one batch), so a ProtoNet prediction costs one pass.
 
     Args:
         backbone: the timm module whose parameter names ``params`` uses.
@@ -117,15 +116,6 @@ class TaskModel:
         """Set the ProtoNet head's support set; returns ``self``."""
         self._support, self._prototypes = (support_x, support_y, ways), None
         return self
-
-    @property
-    def prototypes(self):
-        """Class means of the support features (``ways × D``)."""
-        if self._prototypes is None:
-            support_x, support_y, ways = self._support
-            with torch.no_grad():
-                self._prototypes = prototypes(self.features(support_x), support_y, ways)
-        return self._prototypes
 
     def logits(self, x):
         with torch.no_grad():

@@ -149,8 +149,13 @@ class ExpertDeltas(nn.Module):
         super().__init__()
         params = dict(backbone.named_parameters())
         self.layout = ParameterLayout(names, [params[n].shape for n in names])
-        self.names, self.shared, self.num_experts = self.layout.names, shared, num_experts
+        self.names, self.num_experts = self.layout.names, num_experts
         self.delta = nn.Parameter(torch.zeros(self.layout.numel) if shared else torch.zeros(self.layout.numel, num_experts))
+
+    @property
+    def shared(self):
+        """Whether one δ serves every expert (``N``) rather than one δ_m each (``N × M``)."""
+        return self.delta.dim() == 1
 
     def tensors(self):
         """name -> view of δ for that tensor (``shape`` or ``shape × M``)."""
