@@ -15,9 +15,9 @@ import torch
 import torch.nn.functional as F
 
 from methods import MINI_BACKBONE, Task, create_backbone, create_method
-from methods.adapters import _support_loss, get_adapter, seeded_generator, split_qkv
+from methods.adapters import _DERIVED, _support_loss, get_adapter, seeded_generator, split_qkv
 from methods.base import autocast, cosine_logits, forward_features, prototypes
-from methods.experts import BETA, GAMMA, ZETA
+from methods.experts import BETA, GAMMA, ZETA, compiled_gated_update
 from methods.smat import distillation_loss
 
 DEVICE = torch.device(os.environ.get("SMAT_BENCH_TEST_DEVICE", "cpu"))
@@ -225,12 +225,14 @@ def test_compiled_gate_sampling_and_merge_equal_the_eager_ones():
     with torch.no_grad():
         method.masks.log_alpha.copy_(30.0 * torch.randn_like(method.masks.log_alpha).sign())
     alpha = torch.softmax(torch.randn(3, device=DEVICE), 0).requires_grad_()
+    compiled_gated_update.cache_clear()
     results = []
     for compiled in (False, True):
         method.compile_merge = compiled
         merged = [method.merged_params(alpha, training) for training in (False, True)]
         loss = sum((p ** 2).sum() for params in merged for p in params.values())
         results.append((merged, torch.autograd.grad(loss, [alpha, method.deltas.delta])))
+    assert compiled_gated_update.cache_info().misses == 1  # the compiled path was taken, once
     (eager, eager_grads), (fast, fast_grads) = results
     for eager_params, fast_params in zip(eager, fast):
         for name in eager_params:
@@ -247,4 +249,6 @@ def test_full_fine_tuning_carries_nothing_between_tasks_and_checkpointing_change
     alone = full(method, second, 1e-3, seeded_generator("b"), steps=5)
     full(method, first, 1e-2, seeded_generator("a"), steps=5)  # the working copy now holds another task's weights
     assert torch.equal(full(method, second, 1e-3, seeded_generator("b"), steps=5), alone)
-    assert_same_predictions(full(method, second, 1e-3, seeded_generator("b"), steps=5, grad_checkpointing=True), alone)
+    checkpointed = full(method, second, 1e-3, seeded_generator("b"), steps=5, grad_checkpointing=True)
+    assert _DERIVED[method.backbone][("full", str(DEVICE))].grad_checkpointing  # the working copy did checkpoint
+    assert_same_predictions(checkpointed, alone)
