@@ -1,20 +1,38 @@
 #!/usr/bin/env bash
-# The GPU check of issue 9, as one run: fast paths equal plain paths under bf16, a CUDA smoke run of every
-# method (pinned episodes, bf16 autocast, all adapters), then every performance figure.
+# The GPU check of issue 9, as one run: fast paths equal plain paths under bf16 and a CUDA smoke run of every
+# method (pinned episodes, bf16 autocast, all adapters), side by side; then, alone on the GPU, every figure.
 # Usage: bash .ci/gpu_check.sh OUT_DIR    (on a machine with one CUDA GPU; logs and perf.json land in OUT_DIR)
 # SMAT_BENCH_TEST_DEVICE=cpu runs the same steps on the CPU (a dry run of the script; slow for `perf all`).
+# PYTHON names the interpreter (default python3). Each stage has a time limit, so a hung stage cannot cost
+# the figures of the next one; perf.json is rewritten after each perf stage.
 set -uo pipefail
 out=${1:?usage: bash .ci/gpu_check.sh OUT_DIR}
 mkdir -p "$out"
 work=$(mktemp -d)  # run directories and caches; only the logs and perf.json go to OUT_DIR
 export PYTHONUNBUFFERED=1 SMAT_BENCH_CACHE="$work/cache" SMAT_BENCH_TEST_DEVICE=${SMAT_BENCH_TEST_DEVICE:-cuda}
 device=$SMAT_BENCH_TEST_DEVICE
+python=${PYTHON:-python3}
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out/gpu.txt" || echo "no nvidia-smi"
-python -m pytest -q tests/methods/test_fast_path.py 2>&1 | tee "$out/fast_path.log"
-status=$?
-for method in pre pmf softmerge smat; do
-    python -m benchmark.run --gin "methods/$method.gin" --smoke --bind "run.device = '$device'" \
-        --adapt protonet,full,lora --out "$work/smoke-$method" 2>&1 | tail -n 20 >> "$out/smoke.log" || status=1
-done
-python -m benchmark.perf all --device "$device" --compile-merge --json "$out/perf.json" 2>&1 | tee "$out/perf.log" || status=1
+$python -c "import torch, timm, peft, gin, simplejpeg, google_crc32c, benchmark.run, benchmark.perf
+print('torch', torch.__version__, 'timm', timm.__version__, 'peft', peft.__version__, 'device', '$device',
+      torch.cuda.get_device_name() if torch.cuda.is_available() else 'no CUDA')" 2>&1 | tee -a "$out/gpu.txt" \
+    || { echo "the environment lacks a package (see gpu.txt)"; exit 1; }
+status=0
+
+timeout 200 $python -m pytest -q -p no:cacheprovider tests/methods/test_fast_path.py > "$out/fast_path.log" 2>&1 &
+tests=$!
+(
+    for method in pre pmf softmerge smat; do
+        echo "== $method"
+        $python -m benchmark.run --gin "methods/$method.gin" --smoke --bind "run.device = '$device'" \
+            --adapt protonet,full,lora --out "$work/smoke-$method" 2>&1 | tail -n 12 || exit 1
+    done
+) > "$out/smoke.log" 2>&1 &
+smoke=$!
+wait $tests || { status=1; echo "fast-path tests FAILED"; }
+wait $smoke || { status=1; echo "smoke runs FAILED"; }
+tail -n 3 "$out/fast_path.log"; grep -E "^== |ID|OOD" "$out/smoke.log"
+
+timeout 330 $python -m benchmark.perf all --device "$device" --workers 0 2 8 --compile-merge --json "$out/perf.json" \
+    2>&1 | tee "$out/perf.log" || status=1
 exit $status

@@ -223,17 +223,53 @@ def table5(adapters):
     rows = []
     for name, f in adapters.items():
         target_s, target_mib = f["target_seconds"], f["target_memory_mib"]
-        speedup = f["paper_seconds"] / f["seconds"] if f.get("paper_seconds") else None
+        speedup = f["paper_seconds"] / f["seconds"] if f.get("paper_seconds") and f["seconds"] else None
         rows.append([name, _cell(f["seconds"], ".3f"), _cell(f.get("paper_seconds"), "g"), _cell(speedup, ".1f"),
                      _cell(target_s, "g"), _met(f["seconds"], target_s), _cell(f["peak_memory_mib"], ".0f"),
                      _cell(f.get("paper_memory_mib"), "d"), _cell(target_mib, "d"), _met(f["peak_memory_mib"], target_mib)])
     header = ["adapter", "s/task", "paper s/task", "paper ÷ ours", "target s", "met", "peak MiB", "paper MiB",
               "target MiB", "met"]
-    return tabulate(rows, header, tablefmt="github", disable_numparse=True)
+    failed = "".join(f"\n{label} FAILED: {adapters[label]['error']}" for label in failures(adapters))
+    return tabulate(rows, header, tablefmt="github", disable_numparse=True) + failed
+
+
+def print_forward(forward):
+    print(f"plain bf16 forward of {forward['images']} images: {_cell(forward['images_per_second'], ',.0f')} images/s"
+          + (f"  FAILED: {forward['error']}" if forward.get("error") else ""))
+
+
+def exit_if_failed(*figures):
+    """Exit 1 (after the figures were printed and written) when any measured variant failed."""
+    failed = [label for f in figures for label in failures(f)]
+    if failed:
+        sys.exit(f"{PROG}: failed: {', '.join(failed)} (see the errors above)")
+
+
+def _measured(label, fn, device, repeats):
+    """``_timed(fn)`` as figures; a variant that fails is reported (``error``) and the others still run."""
+    try:
+        seconds, peak = _timed(fn, device, repeats)
+        return dict(seconds=seconds, peak_memory_mib=peak)
+    except Exception as error:  # noqa: BLE001 — one failing variant must not cost the other figures
+        print(f"{PROG}: {label} failed: {type(error).__name__}: {error}", file=sys.stderr)
+        return dict(seconds=None, peak_memory_mib=None, error=f"{type(error).__name__}: {error}")
+
+
+def failures(figures):
+    """Labels of the variants in ``figures`` (label -> figures) that failed."""
+    return [label for label, f in figures.items() if f.get("error")]
+
+
+FULL_VARIANTS = {"full_grad_checkpointing": dict(grad_checkpointing=True),  # full, with other switches
+                 "full_compiled": dict(compile_backbone=True),
+                 "full_compiled_grad_checkpointing": dict(compile_backbone=True, grad_checkpointing=True)}
 
 
 def measure_adapters(args, device):
-    """{adapter: figures} of protonet, gradient_free (≈50 evaluations) and full (50 steps) on one episode."""
+    """{adapter: figures} of protonet, gradient_free (≈50 evaluations) and full (50 steps) on one episode.
+
+    ``full`` is also timed with each of `FULL_VARIANTS` (gradient checkpointing, `torch.compile`).
+    """
     import torch
 
     from methods import create_backbone, create_method
@@ -243,17 +279,37 @@ def measure_adapters(args, device):
     smat = create_method("smat", backbone=create_backbone(args.backbone, pretrained=False)).to(device)
     task = _synthetic_task(args.ways, args.support, args.query, args.image_size, device)
     variants = {name: (name, {}) for name in args.adapters}
-    if "full" in args.adapters:  # the same fine-tuning with its blocks' activations recomputed in the backward pass
-        variants["full_grad_checkpointing"] = ("full", dict(grad_checkpointing=True))
+    if "full" in args.adapters:
+        variants.update((label, ("full", options)) for label, options in FULL_VARIANTS.items())
     figures = {}
     for label, (name, options) in tqdm(variants.items(), desc="adapters", file=sys.stderr, leave=False, disable=None):
         adapter = functools.partial(get_adapter(name, smat), **options)
-        seconds, peak = _timed(lambda: adapter(smat, task, 1e-4, seeded_generator(name)), device, args.repeats)
         paper_s, paper_mib = PAPER_TABLE5.get(name, (None, None))
-        figures[label] = dict(seconds=seconds, peak_memory_mib=peak, paper_seconds=paper_s, paper_memory_mib=paper_mib,
+        figures[label] = dict(**_measured(label, lambda: adapter(smat, task, 1e-4, seeded_generator(name)), device,
+                                          args.repeats),
+                              paper_seconds=paper_s, paper_memory_mib=paper_mib,
                               target_seconds=TARGETS[name][0] if name in TARGETS else None,
                               target_memory_mib=TARGETS[name][1] if name in TARGETS else None)
     return figures
+
+
+def measure_forward(args, device):
+    """Images/s of one plain bf16 forward pass of the backbone over support + query (the compute scale)."""
+    import torch
+
+    from methods import create_backbone
+    from methods.base import autocast
+
+    backbone = create_backbone(args.backbone, pretrained=False).to(device).eval()
+    images = _synthetic_task(args.ways, args.support, args.query, args.image_size, device)
+    batch = torch.cat([images.support_x, images.query_x])
+
+    def forward():
+        with torch.no_grad(), autocast(device):
+            backbone(batch)
+
+    f = _measured("forward", forward, device, args.repeats)
+    return dict(f, images=len(batch), images_per_second=len(batch) / f["seconds"] if f["seconds"] else None)
 
 
 def measure_step(args, device):
@@ -273,10 +329,10 @@ def measure_step(args, device):
         method = create_method(name, backbone=create_backbone(args.backbone, pretrained=False),
                                tasks_per_step=args.tasks, **options).to(device)
         method.configure_training(10 * args.repeats + 10)
-        seconds, peak = _timed(lambda: method.meta_train_step(tasks), device, args.repeats)
-        figures[label] = dict(seconds=seconds, peak_memory_mib=peak)
-    ratios = {label: f["seconds"] / figures["pmf"]["seconds"] for label, f in figures.items() if label != "pmf"}
-    return dict(steps=figures, ratio=min(ratios.values()), ratios=ratios)
+        figures[label] = _measured(label, lambda: method.meta_train_step(tasks), device, args.repeats)
+    ratios = {label: f["seconds"] / figures["pmf"]["seconds"] for label, f in figures.items()
+              if label != "pmf" and f["seconds"] and figures["pmf"]["seconds"]}
+    return dict(steps=figures, ratio=min(ratios.values(), default=None), ratios=ratios)
 
 
 def _describe(args, device, what):
@@ -286,7 +342,8 @@ def _describe(args, device, what):
 
 def print_step(step, device):
     for name, f in step["steps"].items():
-        print(f"{name:<6} step {f['seconds']:8.3f} s  peak {_cell(f['peak_memory_mib'], '.0f')} MiB")
+        print(f"{name:<6} step {_cell(f['seconds'], '8.3f')} s  peak {_cell(f['peak_memory_mib'], '.0f')} MiB"
+              + (f"  FAILED: {f['error']}" if f.get("error") else ""))
     for label, ratio in step["ratios"].items():
         met = "met" if ratio <= STEP_RATIO_TARGET else "not met"
         print(f"{label} step / PMF step = {ratio:.2f} (target <= {STEP_RATIO_TARGET}: {met}) on {_device_label(device)}")
@@ -297,9 +354,12 @@ def run_adapters(args):
     device = _device(args)
     print(f"# adapters on {_device_label(device)}: {args.backbone} (random weights), {args.ways}-way, "
           f"{args.support} support + {args.query} query at {args.image_size} px")
+    forward = measure_forward(args, device)
+    print_forward(forward)
     figures = measure_adapters(args, device)
     print(table5(figures))
-    _write_json(args.json, {**_describe(args, device, "adapters"), "adapters": figures})
+    _write_json(args.json, {**_describe(args, device, "adapters"), "forward": forward, "adapters": figures})
+    exit_if_failed({"forward": forward}, figures)
 
 
 def run_step(args):
@@ -310,6 +370,7 @@ def run_step(args):
     step = measure_step(args, device)
     print_step(step, device)
     _write_json(args.json, {**_describe(args, device, "step"), "tasks": args.tasks, **step})
+    exit_if_failed(step["steps"])
 
 
 def run_all(args, parser):
@@ -324,23 +385,29 @@ def run_all(args, parser):
     step_args = parser.parse_args(["step", *shared, *(["--compile-merge"] if args.compile_merge else [])])
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
+    payload = dict(device=_device_label(device), cpu=_cpu_label(), backbone=args.backbone,
+                   image_size=args.image_size, torch=torch.__version__)
     print(f"# data pipeline on {_cpu_label()} per process")
     with tempfile.TemporaryDirectory(prefix="smat-perf-") as tmp:
-        data = measure_data(data_args, tmp)
-    print(data_table(data))
+        payload["data"] = measure_data(data_args, tmp)
+    print(data_table(payload["data"]))
     torch.set_num_threads(threads)
+    _write_json(args.json, payload)  # after each stage, so a run stopped later keeps what it measured
     print(f"\n# Table 5 on {_device_label(device)}: {args.backbone} (random weights), {adapter_args.ways}-way, "
           f"{adapter_args.support} support + {adapter_args.query} query at {args.image_size} px")
+    forward = payload["forward"] = measure_forward(adapter_args, device)
+    print_forward(forward)
     adapters = measure_adapters(adapter_args, device)
+    payload["adapters"] = dict(ways=adapter_args.ways, support=adapter_args.support, query=adapter_args.query,
+                               figures=adapters)
     print(table5(adapters))
+    _write_json(args.json, payload)
     print(f"\n# meta-training step: {step_args.tasks} tasks of {step_args.support} support + {step_args.query} query")
     step = measure_step(step_args, device)
+    payload["step"] = dict(tasks=step_args.tasks, support=step_args.support, query=step_args.query, **step)
     print_step(step, device)
-    _write_json(args.json, dict(device=_device_label(device), cpu=_cpu_label(), backbone=args.backbone,
-                                image_size=args.image_size, torch=torch.__version__, data=data,
-                                adapters=dict(ways=adapter_args.ways, support=adapter_args.support,
-                                              query=adapter_args.query, figures=adapters),
-                                step=dict(tasks=step_args.tasks, support=step_args.support, query=step_args.query, **step)))
+    _write_json(args.json, payload)
+    exit_if_failed({"forward": forward}, adapters, step["steps"])
 
 
 def _compute_flags(parser, support=None, query=None):

@@ -9,7 +9,7 @@ method's task model for that task, so nothing carries over between episodes:
   support (with gradient), logits of the augmented support against them, cross-entropy. The clean
   and augmented supports go through the network in one batch. lr 0 is ``protonet``.
   θ_i is copied into one working copy of the backbone made once (optionally with gradient
-  checkpointing of its blocks, ``full.grad_checkpointing``).
+  checkpointing of its blocks, ``full.grad_checkpointing``, and compiled, ``full.compile_backbone``).
 * ``lora``: LoRA (rank 8, alpha 32, dropout 0.1 — inactive, the backbone runs in eval mode) on the
   query and value projections of every block, through ``peft``, with the same protocol on the LoRA
   parameters only. timm fuses q, k and v into one ``attn.qkv`` Linear; `split_qkv` replaces it by
@@ -124,12 +124,14 @@ def _derived(backbone, key, build):
 
 
 @gin.configurable("full", module="methods")
-def full(method, task, lr, generator, steps=50, grad_checkpointing=False):
+def full(method, task, lr, generator, steps=50, grad_checkpointing=False, compile_backbone=False):
     """Fine-tune every tensor of θ_i for ``steps`` Adam steps on the (augmented) support set.
 
     θ_i is copied into one working copy of the backbone, made once and reused by every task (no model
     is created per task). ``grad_checkpointing`` recomputes each block's activations in the backward
     pass (timm's ``set_grad_checkpointing``): about one more forward pass for far less memory.
+    ``compile_backbone`` runs the working copy through `torch.compile` (compiled once per input
+    shape, then reused: shapes seen twice are compiled as dynamic), fusing the forward and backward.
     """
     model = method.task_model(task.support_x, task.support_y, task.ways)
     if lr == 0 or steps == 0:
@@ -140,10 +142,12 @@ def full(method, task, lr, generator, steps=50, grad_checkpointing=False):
     with torch.no_grad():
         torch._foreach_copy_(list(params), [model.params[n] for n in names])
     work.eval().requires_grad_(True).set_grad_checkpointing(grad_checkpointing)
+    forward = _derived(method.backbone, ("full-compiled", str(device)), lambda _: torch.compile(work)) \
+        if compile_backbone else work
 
     def features_of(x):
         with autocast(device):
-            return work(x).float()
+            return forward(x).float()
 
     try:
         _finetune(params, lambda _: _support_loss(features_of, task, generator, model.scale, model.bias), lr, steps)

@@ -248,7 +248,22 @@ def test_full_fine_tuning_carries_nothing_between_tasks_and_checkpointing_change
     first, second = random_task(seed=6), random_task(seed=7)
     alone = full(method, second, 1e-3, seeded_generator("b"), steps=5)
     full(method, first, 1e-2, seeded_generator("a"), steps=5)  # the working copy now holds another task's weights
-    assert torch.equal(full(method, second, 1e-3, seeded_generator("b"), steps=5), alone)
+    again = full(method, second, 1e-3, seeded_generator("b"), steps=5)
+    if DEVICE.type == "cpu":
+        assert torch.equal(again, alone)
+    else:  # GPU attention backward kernels need not be bitwise deterministic
+        assert_same_predictions(again, alone)
     checkpointed = full(method, second, 1e-3, seeded_generator("b"), steps=5, grad_checkpointing=True)
     assert _DERIVED[method.backbone][("full", str(DEVICE))].grad_checkpointing  # the working copy did checkpoint
     assert_same_predictions(checkpointed, alone)
+
+
+def test_compiled_full_fine_tuning_equals_the_eager_one():
+    from methods.adapters import full
+
+    method = trained_like("smat")
+    task = random_task(seed=8)
+    eager = full(method, task, 1e-3, seeded_generator("c"), steps=3)
+    compiled = full(method, task, 1e-3, seeded_generator("c"), steps=3, compile_backbone=True)
+    assert ("full-compiled", str(DEVICE)) in _DERIVED[method.backbone]  # the compiled path was taken
+    assert_same_predictions(compiled, eager)

@@ -1,0 +1,74 @@
+"""``python -m benchmark.perf``: every sub-command runs and writes its figures; no figure is asserted here.
+
+The runs use the mini backbone and tiny episodes on the CPU: what is checked is the shape of what a
+user gets (the Table 5 rows with the paper's figures and the targets, the step ratio, the data rows)
+and that a failing variant is reported, exits non-zero and keeps the figures already measured.
+"""
+
+import json
+
+import gin
+import pytest
+
+from benchmark import perf
+from methods import MINI_BACKBONE, adapters
+
+TINY = ["--backbone", MINI_BACKBONE, "--image-size", "32", "--ways", "3", "--repeats", "1", "--device", "cpu"]
+
+
+def test_adapters_prints_table5_and_writes_every_variant(tmp_path, monkeypatch, capsys):
+    # `full` with 2 steps, and without the compiled variants (compiling is checked in test_fast_path.py)
+    monkeypatch.setattr(perf, "FULL_VARIANTS", {"full_grad_checkpointing": dict(grad_checkpointing=True)})
+    out = tmp_path / "adapters.json"
+    with gin.unlock_config():
+        gin.bind_parameter("full.steps", 2)
+    try:
+        perf.main(["adapters", *TINY, "--support", "6", "--query", "3", "--json", str(out)])
+    finally:
+        gin.clear_config()
+    figures = json.loads(out.read_text())
+    assert set(figures["adapters"]) == {"protonet", "gradient_free", "full", "full_grad_checkpointing"}
+    for label, f in figures["adapters"].items():
+        assert f["seconds"] > 0 and "error" not in f, label
+    assert figures["adapters"]["full_grad_checkpointing"]["paper_seconds"] == perf.PAPER_TABLE5["full"][0]
+    assert figures["adapters"]["full"]["target_memory_mib"] == perf.TARGETS["full"][1]
+    assert figures["forward"]["images"] == 9 and figures["forward"]["images_per_second"] > 0
+    table = capsys.readouterr().out
+    assert "| full_grad_checkpointing |" in table and "paper ÷ ours" in table
+
+
+def test_step_reports_the_smat_to_pmf_ratio(tmp_path, capsys):
+    out = tmp_path / "step.json"
+    perf.main(["step", *TINY, "--support", "6", "--query", "3", "--tasks", "2", "--json", str(out)])
+    figures = json.loads(out.read_text())
+    assert set(figures["steps"]) == {"pmf", "smat"}
+    assert figures["ratio"] == pytest.approx(figures["steps"]["smat"]["seconds"] / figures["steps"]["pmf"]["seconds"])
+    assert "smat step / PMF step = " in capsys.readouterr().out
+
+
+def test_a_failing_variant_exits_nonzero_and_keeps_the_other_figures(tmp_path, monkeypatch, capsys):
+
+    def broken(method, task, lr, generator):
+        raise RuntimeError("planted failure")
+
+    monkeypatch.setitem(adapters.ADAPTERS, "gradient_free", broken)
+    out = tmp_path / "adapters.json"
+    with pytest.raises(SystemExit) as exit_info:
+        perf.main(["adapters", *TINY, "--support", "6", "--query", "3", "--adapters", "protonet", "gradient_free",
+                   "--json", str(out)])
+    assert "gradient_free" in str(exit_info.value.code)
+    figures = json.loads(out.read_text())["adapters"]
+    assert figures["protonet"]["seconds"] > 0
+    assert figures["gradient_free"]["seconds"] is None
+    assert "planted failure" in figures["gradient_free"]["error"]
+    assert "gradient_free FAILED: RuntimeError: planted failure" in capsys.readouterr().out
+
+
+def test_data_times_records_and_the_decoded_cache(tmp_path):
+    out = tmp_path / "data.json"
+    perf.main(["data", "--inputs", "md", "--classes", "5", "--images-per-class", "12", "--image-px", "64", "48",
+               "--workers", "0", "--episodes", "2", "--json", str(out)])
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["path"] for r in rows] == ["cache build (every source)", "records", "decoded cache"]
+    for row in rows[1:]:
+        assert row["episodes"] == 2 and row["images"] > 0 and row["episodes_per_s"] > 0
