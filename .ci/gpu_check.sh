@@ -19,20 +19,23 @@ print('torch', torch.__version__, 'timm', timm.__version__, 'peft', peft.__versi
     || { echo "the environment lacks a package (see gpu.txt)"; exit 1; }
 status=0
 
-timeout 200 $python -m pytest -q -p no:cacheprovider tests/methods/test_fast_path.py > "$out/fast_path.log" 2>&1 &
+timeout 220 $python -m pytest -q -p no:cacheprovider tests/methods/test_fast_path.py > "$out/fast_path.log" 2>&1 &
 tests=$!
-(
+smoke_runs() {
     for method in pre pmf softmerge smat; do
         echo "== $method"
         $python -m benchmark.run --gin "methods/$method.gin" --smoke --bind "run.device = '$device'" \
-            --adapt protonet,full,lora --out "$work/smoke-$method" 2>&1 | tail -n 12 || exit 1
+            --adapt protonet,full,lora --out "$work/smoke-$method" 2>&1 | tail -n 12 || return 1
     done
-) > "$out/smoke.log" 2>&1 &
+}
+export -f smoke_runs
+export python device work
+timeout 220 bash -c smoke_runs > "$out/smoke.log" 2>&1 &
 smoke=$!
 wait $tests || { status=1; echo "fast-path tests FAILED"; }
 wait $smoke || { status=1; echo "smoke runs FAILED"; }
 tail -n 3 "$out/fast_path.log"; grep -E "^== |ID|OOD" "$out/smoke.log"
 
-timeout 330 $python -m benchmark.perf all --device "$device" --workers 0 2 8 --compile-merge --json "$out/perf.json" \
+timeout 300 $python -m benchmark.perf all --device "$device" --workers 0 2 8 --compile-merge --json "$out/perf.json" \
     2>&1 | tee "$out/perf.log" || status=1
 exit $status
