@@ -217,13 +217,7 @@ class Method(nn.Module):
         self.train()
         for optimizer in self.optimizers:
             optimizer.zero_grad(set_to_none=True)
-        total_tasks = total_tasks or len(tasks)
-        metrics = []
-        for task in tasks:
-            with autocast(self.device):
-                loss, task_metrics = self.task_loss(task)
-            (loss / total_tasks).backward()
-            metrics.append({"loss": float(loss.detach()), **task_metrics})
+        metrics = self.accumulate_gradients(tasks, total_tasks or len(tasks))
         sum_gradients([p for optimizer in self.optimizers for group in optimizer.param_groups for p in group["params"]])
         metrics = [m for share in gather_objects(metrics) for m in share]
         extra = self.before_step(tasks, metrics) or {}
@@ -238,6 +232,17 @@ class Method(nn.Module):
         summary = {key: sum(m[key] for m in metrics) / len(metrics) for key in metrics[0]}
         summary.update(extra, lr=self.optimizers[0].param_groups[0]["lr"])
         return summary
+
+    def accumulate_gradients(self, tasks, total_tasks):
+        """Add ∇(L_i / ``total_tasks``) of every task to the parameters' ``.grad``, one backward per task
+        (so one task's activations are alive at a time); returns the tasks' metrics."""
+        metrics = []
+        for task in tasks:
+            with autocast(self.device):
+                loss, task_metrics = self.task_loss(task)
+            (loss / total_tasks).backward()
+            metrics.append({"loss": float(loss.detach()), **task_metrics})
+        return metrics
 
     def training_state(self):
         """Optimizer and scheduler states (the parameters themselves are in ``state_dict()``)."""

@@ -27,14 +27,13 @@ expert's expected density is the mean of that over its elements, and its expecte
 minus the density (the quantity SMAT constrains to be at least τ).
 """
 
-import functools
 import math
 
 import torch
 import torch.nn as nn
 
-__all__ = ["ParameterLayout", "HardConcreteMasks", "ExpertDeltas", "expert_parameter_names", "hard_concrete",
-           "interpolate", "gated_update", "compiled_gated_update"]
+__all__ = ["ParameterLayout", "HardConcreteMasks", "ExpertDeltas", "StepExperts", "expert_parameter_names",
+           "hard_concrete", "interpolate", "gated_update"]
 
 GAMMA, ZETA, BETA = -0.1, 1.1, 2.0 / 3.0
 
@@ -91,15 +90,72 @@ def interpolate(delta, alpha, gates=None):
 
 
 def gated_update(delta, log_alpha, alpha, training):
-    """`interpolate` with hard-concrete gates sampled from ``log_alpha``: one pure function of tensors,
-    which `compiled_gated_update` fuses into a few kernels (the gates are never stored in between)."""
+    """`interpolate` with hard-concrete gates sampled from ``log_alpha``."""
     return interpolate(delta, alpha, hard_concrete(log_alpha, training))
 
 
-@functools.cache
-def compiled_gated_update():
-    """`gated_update` through ``torch.compile`` (fixed shapes, one graph per training mode)."""
-    return torch.compile(gated_update, fullgraph=True, dynamic=False)
+class _DeferredProduct(torch.autograd.Function):
+    """E α for a constant E (N × M): the backward gives α its gradient Eᵀ g and files (g, α) in ``pending``."""
+
+    @staticmethod
+    def forward(ctx, alpha, matrix, pending):
+        ctx.save_for_backward(alpha, matrix)
+        ctx.pending = pending
+        return torch.mv(matrix, alpha)
+
+    @staticmethod
+    def backward(ctx, grad):
+        alpha, matrix = ctx.saved_tensors
+        ctx.pending.append((grad, alpha.detach()))
+        return torch.mv(matrix.t(), grad), None, None
+
+
+class StepExperts:
+    """The expert matrix E of one meta-training step, shared by the step's tasks, its gradient deferred.
+
+    E (N × M) is what multiplies α in the merge: the gates Z for a shared δ (update δ ⊙ E α), δ ⊙ Z
+    for one δ per expert, or δ itself without gates (update E α). It is built once per step, with one
+    hard-concrete noise draw for all the step's tasks. Task i multiplies a constant copy of E by α_i:
+    its backward gives α_i the gradient Eᵀ g_i at once and keeps g_i = ∂L/∂(E α_i). `backward` then sends
+
+        ∂L/∂E = Σ_i g_i α_iᵀ = G Aᵀ        (G = [g_1 … g_T], A = [α_1 … α_T])
+
+    through E's construction in one pass. The gradients are those of one graph per task, but the N × M
+    work of a step (sampling the gates, their backward) is done once instead of once per task.
+
+    Args:
+        delta: δ, ``N`` (shared) or ``N × M``.
+        gates: Z (``N × M``, with its graph to log α), or None.
+    """
+
+    def __init__(self, delta, gates=None):
+        if delta.dim() == 1 and gates is None:
+            raise ValueError("StepExperts needs gates for a shared δ (its update δ · Σα has no expert matrix)")
+        self.delta = delta
+        with torch.autocast(delta.device.type, enabled=False):
+            self.matrix = gates if delta.dim() == 1 else (delta * gates if gates is not None else delta)
+        self._constant = self.matrix.detach()
+        self._pending = []
+
+    def update(self, alpha):
+        """The flat update θ_i − θ_pre of merging weights ``alpha`` (as `interpolate`), in fp32."""
+        with torch.autocast(self.delta.device.type, enabled=False):
+            mixed = _DeferredProduct.apply(alpha.float(), self._constant, self._pending)
+            return self.delta * mixed if self.delta.dim() == 1 else mixed
+
+    def alpha_sum(self):
+        """Σ_i α_i over the tasks whose backward has run (detached)."""
+        return sum(alpha for _, alpha in self._pending)
+
+    def backward(self, penalty=None):
+        """Send Σ_i g_i α_iᵀ back through E (and ``penalty``, a scalar loss of the step, if given)."""
+        grads, alphas = zip(*self._pending)
+        tensors, grad_tensors = [self.matrix], [torch.stack(grads, 1) @ torch.stack(alphas)]
+        if penalty is not None:
+            tensors.append(penalty)
+            grad_tensors.append(torch.ones_like(penalty))
+        torch.autograd.backward(tensors, grad_tensors)
+        self._pending.clear()
 
 
 class HardConcreteMasks(nn.Module):

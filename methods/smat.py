@@ -36,10 +36,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from methods._registry import register_method
-from methods.base import (Method, TaskModel, cosine_logits, forward_features, prototypes, query_metrics,
+from methods.base import (Method, TaskModel, autocast, cosine_logits, forward_features, prototypes, query_metrics,
                           support_query_features)
-from methods.experts import (ExpertDeltas, HardConcreteMasks, compiled_gated_update, expert_parameter_names,
-                             gated_update)
+from methods.experts import ExpertDeltas, HardConcreteMasks, StepExperts, expert_parameter_names, gated_update
 from methods.router import PrototypeRouter, gumbel_sigmoid_weights
 
 __all__ = ["SMAT", "VARIANTS"]
@@ -82,7 +81,7 @@ class SMAT(Method):
         delta_lr, delta_momentum, delta_weight_decay: SGD on δ (official: 1e-4, 0.9, 1e-4).
         mask_lr: SGD step on log α per unit of (λ-weighted) per-element gradient.
         lagrangian_lr: η_λ of the dual ascent. Larger reaches τ in fewer steps and overshoots it more
-            (by one step's worth); 5 reaches τ within 0.02 in 100 two-task steps on the mini benchmark.
+            (by one step's worth); 5 reaches τ within 0.025 in 100 two-task steps on the mini benchmark.
         sparsity_measure: what the dual ascent compares with τ: ``expected`` (1 − E[L0]/N, Alg. 1) or
             ``l0`` (the exact zeros of the evaluation masks, as the official code does).
         router_lr, router_weight_decay, router_clip: AdamW on h_ζ and its gradient-norm clip.
@@ -90,8 +89,6 @@ class SMAT(Method):
             falls linearly from start to end over that fraction of the run (official: 5 -> 0.5 over 18k
             of 50k tasks), then stays.
         mask_init_std: std of the initial log α.
-        compile_merge: sample the gates and merge through ``torch.compile`` (`methods.experts.gated_update`
-            fused into a few kernels; the gates' noise then comes from the compiled kernels' generator).
         routing_logit_l2: weight of the mean squared routing logit (official: 1e-4).
         tasks_per_step, warmup_fraction, min_lr: see `Method`.
     """
@@ -101,7 +98,7 @@ class SMAT(Method):
                  interpolated_experts=True, meta_split=True, dense_teacher=True, delta_lr=1e-4, delta_momentum=0.9,
                  delta_weight_decay=1e-4, mask_lr=1.0, lagrangian_lr=5.0, router_lr=1e-4, router_weight_decay=1e-2,
                  router_clip=1.0, temperature_start=5.0, temperature_end=0.5, temperature_anneal_fraction=0.36,
-                 mask_init_std=0.5, routing_logit_l2=1e-4, sparsity_measure="expected", compile_merge=False, tasks_per_step=4,
+                 mask_init_std=0.5, routing_logit_l2=1e-4, sparsity_measure="expected", tasks_per_step=4,
                  warmup_fraction=0.2, min_lr=1e-6):
         if variant not in VARIANTS:
             raise ValueError(f"smat variant {variant!r}: choose one of {', '.join(VARIANTS)}")
@@ -111,7 +108,7 @@ class SMAT(Method):
                     "support_step_lr", "learned_sparsity", "meta_split", "dense_teacher", "delta_lr",
                     "delta_momentum", "delta_weight_decay", "mask_lr", "lagrangian_lr", "router_lr",
                     "router_weight_decay", "router_clip", "temperature_start", "temperature_end",
-                    "temperature_anneal_fraction", "routing_logit_l2", "sparsity_measure", "compile_merge"):
+                    "temperature_anneal_fraction", "routing_logit_l2", "sparsity_measure"):
             setattr(self, key, settings[key])
         self.backbone.requires_grad_(False)
         names = expert_parameter_names(backbone, "all" if self.learned_sparsity else "mlp")
@@ -120,6 +117,7 @@ class SMAT(Method):
         self.router = PrototypeRouter(backbone.num_features, num_experts)
         self.register_buffer("lagrange_multipliers", torch.zeros(num_experts))
         self.register_buffer("total_steps", torch.zeros((), dtype=torch.long))
+        self._step_experts = None  # the current meta-training step's `StepExperts`
 
     # --- the task model θ_i ------------------------------------------------------------------------
 
@@ -131,17 +129,20 @@ class SMAT(Method):
 
     def routing(self, support_x, support_y, ways):
         """(routing logits ℓ, merging weights α) for a support set; θ_pre's features carry no gradient."""
-        with torch.no_grad():
+        with torch.no_grad(), autocast(support_x.device):
             features = self.backbone(support_x).float()
         logits = self.router(prototypes(features, support_y, ways)).float()
         return logits, gumbel_sigmoid_weights(logits, self.temperature(), self.training)
 
     def merged_params(self, alpha, training):
         """θ_i = θ_pre + merged experts, for merging weights ``alpha``."""
-        if self.masks is None:
+        if training and self._step_experts is not None:  # inside a meta-training step (`accumulate_gradients`)
+            update = self._step_experts.update(alpha)
+        elif self.masks is None:
             return self.deltas.merge(self.pretrained_params(), alpha)
-        update = compiled_gated_update() if self.compile_merge else gated_update
-        return self.deltas.add_to(self.pretrained_params(), update(self.deltas.delta, self.masks.log_alpha, alpha, training))
+        else:
+            update = gated_update(self.deltas.delta, self.masks.log_alpha, alpha, training)
+        return self.deltas.add_to(self.pretrained_params(), update)
 
     def task_model(self, support_x, support_y, ways):
         self.eval()
@@ -196,35 +197,61 @@ class SMAT(Method):
         return groups
 
     def task_loss(self, task):
+        """L_i (steps 1–6) plus the routing-logit penalty. The sparsity penalty (step 7) is a term of the
+        whole meta-training step, added once per step by `accumulate_gradients`."""
         support_x, support_y, query_x, query_y = task.support_x, task.support_y, task.query_x, task.query_y
         if not self.meta_split:
             support_x = query_x = torch.cat([support_x, query_x])
             support_y = query_y = torch.cat([support_y, query_y])
         routing_logits, alpha = self.routing(support_x, support_y, task.ways)
         params = self.merged_params(alpha, training=True)
+        features_of = partial(forward_features, self.backbone, params)
         if self.support_step_lr:
-            head = prototypes(forward_features(self.backbone, params, support_x), support_y, task.ways)
+            head = prototypes(features_of(support_x), support_y, task.ways)
             params, head = self._support_step(params, head, support_x, support_y)
             query = forward_features(self.backbone, params, query_x)
+        elif self.dense_teacher and query_x is not support_x:  # apart, so the teacher can reuse the query pass
+            support, query = features_of(support_x), features_of(query_x)
+            head = prototypes(support, support_y, task.ways)
         else:
-            support, query = support_query_features(partial(forward_features, self.backbone, params), support_x, query_x)
+            support, query = support_query_features(features_of, support_x, query_x)
             head = prototypes(support, support_y, task.ways)
         student = cosine_logits(query, head)
         ce = F.cross_entropy(student, query_y)
         metrics = {"query_ce": float(ce.detach()), **query_metrics(student.detach(), query_y)}
         loss = ce
         if self.dense_teacher:
-            teacher = self._teacher_logits(params, head, query_x, query_y)
+            teacher = self._teacher_logits(params, head, query_x, query_y, query)
             kd = distillation_loss(student, teacher, self.kd_temperature)
             loss = self.ce_weight * ce + (1 - self.ce_weight) * kd
             metrics.update(kd=float(kd.detach()), teacher_acc=query_metrics(teacher, query_y)["query_acc"])
-        metrics["loss"] = float(loss.detach())  # the objective; the penalties below are logged apart
+        metrics["loss"] = float(loss.detach())  # the objective; the penalties are logged apart
         loss = loss + self.routing_logit_l2 * routing_logits.pow(2).mean()
-        if self.masks is not None:
-            slack = self.masks.nonzero_probability_sums() - (1 - self.target_sparsity) * self.masks.numel
-            loss = loss + (self.lagrange_multipliers * alpha.detach() * slack).sum()
         metrics.update({f"alpha_{m}": float(a) for m, a in enumerate(alpha.detach())})
         return loss, metrics
+
+    def accumulate_gradients(self, tasks, total_tasks):
+        """The tasks' gradients with the experts built once for the step (`StepExperts`: one gate sample for
+        all its tasks), then, in one backward, the experts' deferred gradient and the sparsity penalty
+
+            Σ_m λ_m ᾱ_m (Σ_j P(z_mj ≠ 0) − (1 − τ) N),   ᾱ = Σ_i α_i / total_tasks (α detached),
+
+        which equals the sum over the tasks of λ ⊙ α_i / total_tasks times the same slack.
+        """
+        gates = self.masks.sample(training=True) if self.masks is not None else None
+        if gates is None and self.deltas.shared:
+            return super().accumulate_gradients(tasks, total_tasks)
+        self._step_experts = step = StepExperts(self.deltas.delta, gates)
+        try:
+            metrics = super().accumulate_gradients(tasks, total_tasks)
+        finally:
+            self._step_experts = None
+        penalty = None
+        if self.masks is not None:
+            slack = self.masks.nonzero_probability_sums() - (1 - self.target_sparsity) * self.masks.numel
+            penalty = (self.lagrange_multipliers * step.alpha_sum() / total_tasks * slack).sum()
+        step.backward(penalty)
+        return metrics
 
     def _support_step(self, params, head, support_x, support_y):
         """The official code's first-order SGD step on the support CE (gradients treated as constants)."""
@@ -235,15 +262,23 @@ class SMAT(Method):
         stepped = {n: p if g is None else p - self.support_step_lr * g.detach() for (n, p), g in zip(params.items(), grads)}
         return stepped, head - self.support_step_lr * grads[-1].detach()
 
-    def _teacher_logits(self, params, head, query_x, query_y):
-        """Query logits of the dense teacher: K SGD steps on the query CE from stopgrad(θ_i, prototypes)."""
-        teacher = {n: p.detach().requires_grad_() for n, p in params.items()}
+    def _teacher_logits(self, params, head, query_x, query_y, query=None):
+        """Query logits of the dense teacher: K SGD steps on the query CE from stopgrad(θ_i, prototypes).
+
+        ``query``: the student's query features f_θi(x_q) with their graph. They are what a forward pass
+        at stopgrad(θ_i) computes, so when every tensor of θ_i is in that graph the first step's gradient
+        is taken through it (kept for the student's backward) instead of through a forward pass of its own.
+        """
+        reuse = query is not None and all(p.requires_grad for p in params.values())
+        teacher = dict(params) if reuse else {n: p.detach().requires_grad_() for n, p in params.items()}
         teacher_head = head.detach().requires_grad_()
-        for _ in range(self.teacher_steps):
-            logits = cosine_logits(forward_features(self.backbone, teacher, query_x), teacher_head)
-            grads = torch.autograd.grad(F.cross_entropy(logits, query_y), list(teacher.values()) + [teacher_head])
+        for step in range(self.teacher_steps):
+            features = query if reuse and step == 0 else forward_features(self.backbone, teacher, query_x)
+            grads = torch.autograd.grad(F.cross_entropy(cosine_logits(features, teacher_head), query_y),
+                                        [*teacher.values(), teacher_head], retain_graph=reuse and step == 0)
             with torch.no_grad():
-                teacher = {n: (p - self.teacher_lr * g).requires_grad_() for (n, p), g in zip(teacher.items(), grads)}
+                stepped = torch._foreach_add(list(teacher.values()), grads[:-1], alpha=-self.teacher_lr)
+                teacher = {n: p.requires_grad_() for n, p in zip(teacher, stepped)}
                 teacher_head = (teacher_head - self.teacher_lr * grads[-1]).requires_grad_()
         with torch.no_grad():
             return cosine_logits(forward_features(self.backbone, teacher, query_x), teacher_head)

@@ -43,7 +43,7 @@ def test_step_reports_the_smat_to_pmf_ratio(tmp_path, capsys):
     figures = json.loads(out.read_text())
     assert set(figures["steps"]) == {"pmf", "smat"}
     assert figures["ratio"] == pytest.approx(figures["steps"]["smat"]["seconds"] / figures["steps"]["pmf"]["seconds"])
-    assert "smat step / PMF step = " in capsys.readouterr().out
+    assert "SMAT step / PMF step = " in capsys.readouterr().out
 
 
 def test_a_failing_variant_exits_nonzero_and_keeps_the_other_figures(tmp_path, monkeypatch, capsys):

