@@ -255,7 +255,7 @@ def gradient_free(method, task, lr, generator, rounds=6, accept_probability=0.9)
         selection = (torch.sigmoid(logits / method.temperature()) > 0.5).float()
         if selection.sum() == 0:
             selection[logits.argmax()] = 1.0
-        gates = method.masks.sample(training=False) if method.masks is not None else None
+        gates = method.evaluation_gates() if method.masks is not None else None
 
         def params_of(binary):
             return method.deltas.merge(method.pretrained_params(), binary / binary.sum(), gates)

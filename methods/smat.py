@@ -118,6 +118,7 @@ class SMAT(Method):
         self.register_buffer("lagrange_multipliers", torch.zeros(num_experts))
         self.register_buffer("total_steps", torch.zeros((), dtype=torch.long))
         self._step_experts = None  # the current meta-training step's `StepExperts`
+        self._evaluation_gates = None  # (state of log α, its evaluation gates)
 
     # --- the task model θ_i ------------------------------------------------------------------------
 
@@ -140,9 +141,20 @@ class SMAT(Method):
             update = self._step_experts.update(alpha)
         elif self.masks is None:
             return self.deltas.merge(self.pretrained_params(), alpha)
+        elif not training and not torch.is_grad_enabled():
+            return self.deltas.merge(self.pretrained_params(), alpha, self.evaluation_gates())
         else:
             update = gated_update(self.deltas.delta, self.masks.log_alpha, alpha, training)
         return self.deltas.add_to(self.pretrained_params(), update)
+
+    def evaluation_gates(self):
+        """The deterministic gates Z of evaluation (no gradient), computed once per state of log α and kept."""
+        log_alpha = self.masks.log_alpha
+        state = (log_alpha.data_ptr(), log_alpha._version)  # an optimizer step or a load changes the version
+        if self._evaluation_gates is None or self._evaluation_gates[0] != state:
+            with torch.no_grad():
+                self._evaluation_gates = (state, self.masks.sample(training=False))
+        return self._evaluation_gates[1]
 
     def task_model(self, support_x, support_y, ways):
         self.eval()
@@ -167,7 +179,7 @@ class SMAT(Method):
         if self.masks is None:
             return {**report, "experts_on": self.deltas.names}
         with torch.no_grad():
-            gates = self.masks.sample(training=False) > 0
+            gates = self.evaluation_gates() > 0
             per_tensor = self.deltas.layout.split(gates)
             union = sum(g.reshape(-1, g.shape[-1]).float().t() @ g.reshape(-1, g.shape[-1]).float() for g in per_tensor)
             counts = union.diagonal()

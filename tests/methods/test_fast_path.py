@@ -240,6 +240,21 @@ def test_smat_step_gradients_equal_one_plain_graph_per_task(variant):
         assert_close_gradients(g_fast, g_plain)
 
 
+def test_evaluation_gates_are_kept_until_log_alpha_changes():
+    method = trained_like("smat")
+    alpha = torch.softmax(torch.randn(method.deltas.num_experts, device=DEVICE), 0)
+    with torch.no_grad():
+        first = method.evaluation_gates()
+        assert method.evaluation_gates() is first  # kept
+        assert torch.equal(first, method.masks.sample(training=False))
+        merged, plain = method.merged_params(alpha, training=False), reference_merge(method, alpha, training=False)
+        for n in plain:
+            torch.testing.assert_close(merged[n], plain[n], rtol=1e-5, atol=1e-6)
+        method.masks.log_alpha.add_(-1.0)  # as an optimizer step would
+        assert not torch.equal(method.evaluation_gates(), first)
+        assert torch.equal(method.evaluation_gates(), method.masks.sample(training=False))
+
+
 def test_batched_translation_equals_the_per_image_loop():
     from methods.adapters import translate
 
