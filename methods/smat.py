@@ -217,23 +217,19 @@ class SMAT(Method):
             support_y = query_y = torch.cat([support_y, query_y])
         routing_logits, alpha = self.routing(support_x, support_y, task.ways)
         params = self.merged_params(alpha, training=True)
-        features_of = partial(forward_features, self.backbone, params)
         if self.support_step_lr:
-            head = prototypes(features_of(support_x), support_y, task.ways)
+            head = prototypes(forward_features(self.backbone, params, support_x), support_y, task.ways)
             params, head = self._support_step(params, head, support_x, support_y)
             query = forward_features(self.backbone, params, query_x)
-        elif self.dense_teacher and query_x is not support_x:  # apart, so the teacher can reuse the query pass
-            support, query = features_of(support_x), features_of(query_x)
-            head = prototypes(support, support_y, task.ways)
         else:
-            support, query = support_query_features(features_of, support_x, query_x)
+            support, query = support_query_features(partial(forward_features, self.backbone, params), support_x, query_x)
             head = prototypes(support, support_y, task.ways)
         student = cosine_logits(query, head)
         ce = F.cross_entropy(student, query_y)
         metrics = {"query_ce": float(ce.detach()), **query_metrics(student.detach(), query_y)}
         loss = ce
         if self.dense_teacher:
-            teacher = self._teacher_logits(params, head, query_x, query_y, query)
+            teacher = self._teacher_logits(params, head, query_x, query_y)
             kd = distillation_loss(student, teacher, self.kd_temperature)
             loss = self.ce_weight * ce + (1 - self.ce_weight) * kd
             metrics.update(kd=float(kd.detach()), teacher_acc=query_metrics(teacher, query_y)["query_acc"])
@@ -274,20 +270,13 @@ class SMAT(Method):
         stepped = {n: p if g is None else p - self.support_step_lr * g.detach() for (n, p), g in zip(params.items(), grads)}
         return stepped, head - self.support_step_lr * grads[-1].detach()
 
-    def _teacher_logits(self, params, head, query_x, query_y, query=None):
-        """Query logits of the dense teacher: K SGD steps on the query CE from stopgrad(θ_i, prototypes).
-
-        ``query``: the student's query features f_θi(x_q) with their graph. They are what a forward pass
-        at stopgrad(θ_i) computes, so when every tensor of θ_i is in that graph the first step's gradient
-        is taken through it (kept for the student's backward) instead of through a forward pass of its own.
-        """
-        reuse = query is not None and all(p.requires_grad for p in params.values())
-        teacher = dict(params) if reuse else {n: p.detach().requires_grad_() for n, p in params.items()}
+    def _teacher_logits(self, params, head, query_x, query_y):
+        """Query logits of the dense teacher: K SGD steps on the query CE from stopgrad(θ_i, prototypes)."""
+        teacher = {n: p.detach().requires_grad_() for n, p in params.items()}
         teacher_head = head.detach().requires_grad_()
-        for step in range(self.teacher_steps):
-            features = query if reuse and step == 0 else forward_features(self.backbone, teacher, query_x)
-            grads = torch.autograd.grad(F.cross_entropy(cosine_logits(features, teacher_head), query_y),
-                                        [*teacher.values(), teacher_head], retain_graph=reuse and step == 0)
+        for _ in range(self.teacher_steps):
+            logits = cosine_logits(forward_features(self.backbone, teacher, query_x), teacher_head)
+            grads = torch.autograd.grad(F.cross_entropy(logits, query_y), [*teacher.values(), teacher_head])
             with torch.no_grad():
                 stepped = torch._foreach_add(list(teacher.values()), grads[:-1], alpha=-self.teacher_lr)
                 teacher = {n: p.requires_grad_() for n, p in zip(teacher, stepped)}

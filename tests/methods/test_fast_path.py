@@ -7,6 +7,7 @@ backbone wrapped by peft for LoRA. On CPU (fp32) predictions must be identical. 
 near-tie queries may flip (at most `BF16_FLIPS` of them).
 """
 
+import contextlib
 import copy
 import os
 
@@ -22,7 +23,9 @@ from methods.smat import distillation_loss
 
 DEVICE = torch.device(os.environ.get("SMAT_BENCH_TEST_DEVICE", "cpu"))
 BF16_FLIPS = 0.02  # share of queries allowed to change prediction under bf16 autocast
-BF16_GRADIENT_ERROR = 3e-2  # relative error ‖fast − plain‖ / ‖plain‖ allowed for a gradient under bf16 autocast
+# Fine-tuning under bf16 for 50 steps on a random tiny network lets rounding differences grow into other
+# predictions; on a GPU the fine-tuning checks take fewer steps and more queries (1 flip = 1%).
+FINETUNE_STEPS, FINETUNE_QUERIES = (50, 3) if DEVICE.type == "cpu" else (10, 20)
 
 
 def random_task(ways=5, shots=4, queries=3, size=32, seed=0):
@@ -48,13 +51,17 @@ def assert_same_predictions(fast, plain):
     assert flips <= (BF16_FLIPS if DEVICE.type == "cuda" else 0.0), f"{flips:.1%} of the predictions differ"
 
 
-def assert_close_gradients(fast, plain):
-    """Elementwise close in fp32 (CPU); under bf16 (CUDA), close as whole tensors."""
-    if DEVICE.type == "cpu":
-        torch.testing.assert_close(fast, plain, rtol=1e-3, atol=1e-5)
-    else:
-        error = float((fast - plain).norm() / plain.norm().clamp_min(1e-12))
-        assert error <= BF16_GRADIENT_ERROR, f"relative gradient error {error:.3g}"
+@pytest.fixture
+def full_precision(monkeypatch):
+    """fp32 everywhere, also on a GPU (no autocast, no TF32), so gradients can be compared elementwise:
+    bf16 rounds the two computations differently, which the prediction checks bound instead."""
+    import methods.base
+    import methods.smat
+
+    for module in (methods.base, methods.smat):
+        monkeypatch.setattr(module, "autocast", lambda device: contextlib.nullcontext())
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
 
 
 # --- references ----------------------------------------------------------------------------------
@@ -137,12 +144,9 @@ def test_protonet_in_one_forward_pass_equals_two_passes(name):
 
 
 def test_full_fine_tuning_predictions_equal_the_plain_loop():
-    # under bf16, 50 steps on a random tiny network let rounding differences grow into other predictions;
-    # 10 steps and 100 queries check the same computation there
-    steps = 50 if DEVICE.type == "cpu" else 10
     method = trained_like("smat")
-    task = random_task(queries=20, seed=3)
-    fast = get_adapter("full")(method, task, 1e-3, seeded_generator("episode"), steps=steps)
+    task = random_task(queries=FINETUNE_QUERIES, seed=3)
+    fast = get_adapter("full")(method, task, 1e-3, seeded_generator("episode"), steps=FINETUNE_STEPS)
     model = method.task_model(task.support_x, task.support_y, task.ways)
     params = {n: p.detach().clone().requires_grad_() for n, p in model.params.items()}
 
@@ -151,15 +155,15 @@ def test_full_fine_tuning_predictions_equal_the_plain_loop():
             return forward_features(method.backbone, params, x)
 
     assert_same_predictions(fast, reference_finetune(features_of, list(params.values()), task, 1e-3,
-                                                     seeded_generator("episode"), steps))
+                                                     seeded_generator("episode"), FINETUNE_STEPS))
 
 
 def test_lora_without_model_copies_equals_a_peft_wrapped_deep_copy():
     from peft import LoraConfig, inject_adapter_in_model
 
     method = trained_like("smat")
-    task = random_task(seed=4)
-    fast = get_adapter("lora")(method, task, 1e-2, seeded_generator("episode"))
+    task = random_task(queries=FINETUNE_QUERIES, seed=4)
+    fast = get_adapter("lora")(method, task, 1e-2, seeded_generator("episode"), steps=FINETUNE_STEPS)
     model = method.task_model(task.support_x, task.support_y, task.ways)
     backbone = copy.deepcopy(method.backbone)
     with torch.no_grad():
@@ -183,7 +187,7 @@ def test_lora_without_model_copies_equals_a_peft_wrapped_deep_copy():
         with autocast(DEVICE):
             return backbone(x).float()
 
-    assert_same_predictions(fast, reference_finetune(features_of, lora, task, 1e-2, generator))
+    assert_same_predictions(fast, reference_finetune(features_of, lora, task, 1e-2, generator, FINETUNE_STEPS))
 
 
 def reference_teacher_logits(method, params, head, query_x, query_y):
@@ -200,9 +204,9 @@ def reference_teacher_logits(method, params, head, query_x, query_y):
 
 
 @pytest.mark.parametrize("variant", ["default", "no_meta_split", "no_interpolated_experts", "mlp_experts"])
-def test_smat_step_gradients_equal_one_plain_graph_per_task(variant):
-    """The deferred expert gradient, the once-per-step penalty and the teacher's reused query pass
-    against one plain graph per task: per-tensor merge, separate passes, a teacher with its own passes."""
+def test_smat_step_gradients_equal_one_plain_graph_per_task(variant, full_precision):
+    """The deferred expert gradient and the once-per-step penalty against one plain graph per task
+    (per-tensor merge, separate support and query passes), in fp32 on every device."""
     method = trained_like("smat", variant=variant)
     method.configure_training(10)
     method.train()
@@ -223,21 +227,20 @@ def test_smat_step_gradients_equal_one_plain_graph_per_task(variant):
         if variant == "no_meta_split":
             support_x = query_x = torch.cat([support_x, query_x])
             support_y = query_y = torch.cat([support_y, query_y])
-        with autocast(DEVICE):
-            logits, alpha = method.routing(support_x, support_y, task.ways)
-            params = reference_merge(method, alpha, training=True, u=u)
-            head = prototypes(forward_features(method.backbone, params, support_x), support_y, task.ways)
-            student = cosine_logits(forward_features(method.backbone, params, query_x), head)
-            teacher = reference_teacher_logits(method, params, head, query_x, query_y)
-            loss = 0.75 * F.cross_entropy(student, query_y) + 0.25 * distillation_loss(student, teacher, 2.0)
-            loss = loss + 1e-4 * logits.pow(2).mean()
-            if method.masks is not None:
-                slack = method.masks.nonzero_probability_sums() - 0.1 * method.masks.numel
-                loss = loss + (method.lagrange_multipliers * alpha.detach() * slack).sum()
+        logits, alpha = method.routing(support_x, support_y, task.ways)
+        params = reference_merge(method, alpha, training=True, u=u)
+        head = prototypes(forward_features(method.backbone, params, support_x), support_y, task.ways)
+        student = cosine_logits(forward_features(method.backbone, params, query_x), head)
+        teacher = reference_teacher_logits(method, params, head, query_x, query_y)
+        loss = 0.75 * F.cross_entropy(student, query_y) + 0.25 * distillation_loss(student, teacher, 2.0)
+        loss = loss + 1e-4 * logits.pow(2).mean()
+        if method.masks is not None:
+            slack = method.masks.nonzero_probability_sums() - 0.1 * method.masks.numel
+            loss = loss + (method.lagrange_multipliers * alpha.detach() * slack).sum()
         plain_total = plain_total + loss / len(tasks)
     plain_grads = torch.autograd.grad(plain_total, leaves)
     for g_fast, g_plain in zip(fast_grads, plain_grads):
-        assert_close_gradients(g_fast, g_plain)
+        torch.testing.assert_close(g_fast, g_plain, rtol=1e-3, atol=1e-5)
 
 
 def test_evaluation_gates_are_kept_until_log_alpha_changes():
@@ -290,7 +293,7 @@ def test_compiled_full_fine_tuning_equals_the_eager_one():
     from methods.adapters import full
 
     method = trained_like("smat")
-    task = random_task(seed=8)
+    task = random_task(queries=FINETUNE_QUERIES, seed=8)
     eager = full(method, task, 1e-3, seeded_generator("c"), steps=3)
     compiled = full(method, task, 1e-3, seeded_generator("c"), steps=3, compile_backbone=True)
     assert ("full-compiled", str(task.support_x.device)) in _DERIVED[method.backbone]  # the compiled path was taken

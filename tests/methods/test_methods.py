@@ -70,7 +70,8 @@ def test_pre_does_not_train_and_predicts_with_the_pretrained_weights(mini_tasks)
 
 
 def test_smat_experts_reach_the_target_sparsity_on_the_mini_benchmark(mini_root):
-    """The Lagrangian drives every expert's expected sparsity to τ (within 0.025: one gate sample per step, so one step overshoots by a little more than with one per task), then holds it."""
+    """The Lagrangian drives every expert's expected sparsity to τ, then holds it: within 0.025, since with
+    one gate sample per step (shared by its tasks) the last step can overshoot by a little more than 0.02."""
     torch.manual_seed(0)
     smat = create_method("smat", backbone=create_backbone(MINI_BACKBONE, pretrained=False), tasks_per_step=2)
     steps = 100
