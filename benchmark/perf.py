@@ -151,7 +151,7 @@ def run_data(args):
     with tempfile.TemporaryDirectory(prefix="smat-perf-") as tmp:
         rows = measure_data(args, tmp)
     print(data_table(rows))
-    _write_json(args.json, dict(device=_cpu_label(), what="data", episodes=args.episodes, rows=rows))
+    _write_json(args.json, dict(device=_cpu_label(), what="data", episodes=args.episodes, rows=rows, **_provenance()))
 
 
 PAPER_TABLE5 = {"protonet": (0.2, 4332), "gradient_free": (6.4, 4332), "full": (11.8, 17264)}  # s/task, MiB (FP16)
@@ -260,9 +260,9 @@ def failures(figures):
     return [label for label, f in figures.items() if f.get("error")]
 
 
-FULL_VARIANTS = {"full_grad_checkpointing": dict(grad_checkpointing=True),  # full, with other switches
-                 "full_compiled": dict(compile_backbone=True),
-                 "full_compiled_grad_checkpointing": dict(compile_backbone=True, grad_checkpointing=True)}
+FULL_VARIANTS = {"full_eager": dict(compile_backbone=False),  # full (compiled on CUDA), with other switches
+                 "full_grad_checkpointing": dict(grad_checkpointing=True),
+                 "full_eager_grad_checkpointing": dict(compile_backbone=False, grad_checkpointing=True)}
 
 
 def measure_adapters(args, device):
@@ -331,9 +331,18 @@ def measure_step(args, device):
     return dict(steps=figures, ratio=smat / pmf if pmf and smat else None)
 
 
+def _provenance():
+    """What a figure was measured with: the code's git commit and the torch version."""
+    import torch
+
+    from benchmark.run import code_version
+
+    return dict(code_version=code_version(), torch=torch.__version__)
+
+
 def _describe(args, device, what):
     return dict(device=_device_label(device), backbone=args.backbone, image_size=args.image_size, ways=args.ways,
-                support=args.support, query=args.query, what=what)
+                support=args.support, query=args.query, what=what, **_provenance())
 
 
 def print_step(step, device):
@@ -383,7 +392,7 @@ def run_all(args, parser):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     payload = dict(device=_device_label(device), cpu=_cpu_label(), backbone=args.backbone,
-                   image_size=args.image_size, torch=torch.__version__)
+                   image_size=args.image_size, **_provenance())
     print(f"# data pipeline on {_cpu_label()} per process")
     with tempfile.TemporaryDirectory(prefix="smat-perf-") as tmp:
         payload["data"] = measure_data(data_args, tmp)

@@ -124,14 +124,16 @@ def _derived(backbone, key, build):
 
 
 @gin.configurable("full", module="methods")
-def full(method, task, lr, generator, steps=50, grad_checkpointing=False, compile_backbone=False):
+def full(method, task, lr, generator, steps=50, grad_checkpointing=False, compile_backbone=None):
     """Fine-tune every tensor of θ_i for ``steps`` Adam steps on the (augmented) support set.
 
     θ_i is copied into one working copy of the backbone, made once and reused by every task (no model
     is created per task). ``grad_checkpointing`` recomputes each block's activations in the backward
     pass (timm's ``set_grad_checkpointing``): about one more forward pass for far less memory.
     ``compile_backbone`` runs the working copy through `torch.compile` (compiled once per input
-    shape, then reused: shapes seen twice are compiled as dynamic), fusing the forward and backward.
+    shape, then reused: shapes seen twice are compiled as dynamic), fusing the forward and backward;
+    None (default) compiles on CUDA, where it made 50 steps 1.4× faster on an H100 (README, Performance),
+    and not elsewhere.
     """
     model = method.task_model(task.support_x, task.support_y, task.ways)
     if lr == 0 or steps == 0:
@@ -142,6 +144,8 @@ def full(method, task, lr, generator, steps=50, grad_checkpointing=False, compil
     with torch.no_grad():
         torch._foreach_copy_(list(params), [model.params[n] for n in names])
     work.eval().requires_grad_(True).set_grad_checkpointing(grad_checkpointing)
+    if compile_backbone is None:
+        compile_backbone = device.type == "cuda"
     forward = _derived(method.backbone, ("full-compiled", str(device)), lambda _: torch.compile(work)) \
         if compile_backbone else work
 

@@ -33,6 +33,7 @@ def test_adapters_prints_table5_and_writes_every_variant(tmp_path, monkeypatch, 
     assert figures["adapters"]["full_grad_checkpointing"]["paper_seconds"] == perf.PAPER_TABLE5["full"][0]
     assert figures["adapters"]["full"]["target_memory_mib"] == perf.TARGETS["full"][1]
     assert figures["forward"]["images"] == 9 and figures["forward"]["images_per_second"] > 0
+    assert figures["code_version"] and figures["torch"]  # what the figures were measured with
     table = capsys.readouterr().out
     assert "| full_grad_checkpointing |" in table and "paper ÷ ours" in table
 
