@@ -3,7 +3,8 @@
 Per task T_i = (support, query):
 
 1. α_i = normalised Gumbel-sigmoid of h_ζ(prototypes of θ_pre's support features) (`methods.router`);
-2. z_m ~ hard concrete(φ_m) for m = 1..M (`methods.experts`);
+2. z_m ~ hard concrete(φ_m) for m = 1..M (`methods.experts`), sampled once per meta-training step and
+   shared by the step's tasks (`methods.experts.StepExperts`), so its N × M cost is paid once per step;
 3. θ_i = θ_pre + δ ⊙ Σ_m α_{i,m} z_m, evaluated functionally (Eq. 1 with shared δ, zero-initialised);
 4. prototypes of f_{θ_i}(support); student query logits 10·cos(f_{θ_i}(x_q), c_k);
 5. dense teacher: θ_tr = stopgrad(θ_i) (prototypes included) after K SGD steps on the query CE;
