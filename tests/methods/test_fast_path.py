@@ -60,8 +60,15 @@ def full_precision(monkeypatch):
 
     for module in (methods.base, methods.smat):
         monkeypatch.setattr(module, "autocast", lambda device: contextlib.nullcontext())
-    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    if DEVICE.type != "cuda":
+        yield
+        return
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
 
 
 # --- references ----------------------------------------------------------------------------------
