@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# The GPU check of issue 9, as one run: fast paths equal plain paths under bf16 and a CUDA smoke run of every
-# method (pinned episodes, bf16 autocast, all adapters), side by side; then, alone on the GPU, every figure.
+# The GPU check of issue 9, as one run: fast paths equal plain paths (predictions under bf16, gradients in fp32)
+# and a CUDA smoke run of every method (pinned episodes, bf16 autocast, all adapters), side by side; then, alone
+# on the GPU, every figure (about 7 minutes on an H100, most of it the data stage and compiling).
 # Usage: bash .ci/gpu_check.sh OUT_DIR    (on a machine with one CUDA GPU; logs and perf.json land in OUT_DIR)
 # SMAT_BENCH_TEST_DEVICE=cpu runs the same steps on the CPU (a dry run of the script; slow for `perf all`).
 # PYTHON names the interpreter (default python3). Each stage has a time limit, so a hung stage cannot cost
