@@ -247,6 +247,7 @@ class SMAT(Method):
 
         which equals the sum over the tasks of λ ⊙ α_i / total_tasks times the same slack.
         """
+        self._evaluation_gates = None  # training changes log α; do not hold N × M stale gates meanwhile
         gates = self.masks.sample(training=True) if self.masks is not None else None
         if gates is None and self.deltas.shared:
             return super().accumulate_gradients(tasks, total_tasks)
