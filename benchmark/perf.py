@@ -233,9 +233,14 @@ def table5(adapters):
     return tabulate(rows, header, tablefmt="github", disable_numparse=True) + failed
 
 
+def _failure(figures):
+    """``"  FAILED: <error>"`` for a variant that failed, else nothing."""
+    return f"  FAILED: {figures['error']}" if figures.get("error") else ""
+
+
 def print_forward(forward):
     print(f"plain bf16 forward of {forward['images']} images: {_cell(forward['images_per_second'], ',.0f')} images/s"
-          + (f"  FAILED: {forward['error']}" if forward.get("error") else ""))
+          + _failure(forward))
 
 
 def exit_if_failed(*figures):
@@ -348,7 +353,7 @@ def _describe(args, device, what):
 def print_step(step, device):
     for name, f in step["steps"].items():
         print(f"{name:<6} step {_cell(f['seconds'], '8.3f')} s  peak {_cell(f['peak_memory_mib'], '.0f')} MiB"
-              + (f"  FAILED: {f['error']}" if f.get("error") else ""))
+              + _failure(f))
     if step["ratio"] is not None:
         met = "met" if step["ratio"] <= STEP_RATIO_TARGET else "not met"
         print(f"SMAT step / PMF step = {step['ratio']:.2f} (target <= {STEP_RATIO_TARGET}: {met}) "

@@ -259,10 +259,9 @@ def gradient_free(method, task, lr, generator, rounds=6, accept_probability=0.9)
         selection = (torch.sigmoid(logits / method.temperature()) > 0.5).float()
         if selection.sum() == 0:
             selection[logits.argmax()] = 1.0
-        gates = method.evaluation_gates() if method.masks is not None else None
 
         def params_of(binary):
-            return method.deltas.merge(method.pretrained_params(), binary / binary.sum(), gates)
+            return method.merged_params(binary / binary.sum(), training=False)
 
         def features(params, x):
             with autocast(task.support_x.device):

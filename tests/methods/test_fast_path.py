@@ -197,19 +197,6 @@ def test_lora_without_model_copies_equals_a_peft_wrapped_deep_copy():
     assert_same_predictions(fast, reference_finetune(features_of, lora, task, 1e-2, generator, FINETUNE_STEPS))
 
 
-def reference_teacher_logits(method, params, head, query_x, query_y):
-    """The dense teacher as written: its own forward passes from stopgrad(θ_i, prototypes)."""
-    teacher = {n: p.detach().requires_grad_() for n, p in params.items()}
-    teacher_head = head.detach().requires_grad_()
-    for _ in range(method.teacher_steps):
-        logits = cosine_logits(forward_features(method.backbone, teacher, query_x), teacher_head)
-        grads = torch.autograd.grad(F.cross_entropy(logits, query_y), [*teacher.values(), teacher_head])
-        teacher = {n: (p - method.teacher_lr * g).detach().requires_grad_() for (n, p), g in zip(teacher.items(), grads)}
-        teacher_head = (teacher_head - method.teacher_lr * grads[-1]).detach().requires_grad_()
-    with torch.no_grad():
-        return cosine_logits(forward_features(method.backbone, teacher, query_x), teacher_head)
-
-
 @pytest.mark.parametrize("variant", ["default", "no_meta_split", "no_interpolated_experts", "mlp_experts"])
 def test_smat_step_gradients_equal_one_plain_graph_per_task(variant, full_precision):
     """The deferred expert gradient and the once-per-step penalty against one plain graph per task
@@ -238,7 +225,7 @@ def test_smat_step_gradients_equal_one_plain_graph_per_task(variant, full_precis
         params = reference_merge(method, alpha, training=True, u=u)
         head = prototypes(forward_features(method.backbone, params, support_x), support_y, task.ways)
         student = cosine_logits(forward_features(method.backbone, params, query_x), head)
-        teacher = reference_teacher_logits(method, params, head, query_x, query_y)
+        teacher = method._teacher_logits(params, head, query_x, query_y)
         loss = 0.75 * F.cross_entropy(student, query_y) + 0.25 * distillation_loss(student, teacher, 2.0)
         loss = loss + 1e-4 * logits.pow(2).mean()
         if method.masks is not None:
@@ -263,6 +250,10 @@ def test_evaluation_gates_are_kept_until_log_alpha_changes():
         method.masks.log_alpha.add_(-1.0)  # as an optimizer step would
         assert not torch.equal(method.evaluation_gates(), first)
         assert torch.equal(method.evaluation_gates(), method.masks.sample(training=False))
+    method.configure_training(1)
+    method.train()
+    method.accumulate_gradients([random_task()], total_tasks=1)
+    assert method._evaluation_gates is None  # a training step makes them stale: they are not held meanwhile
 
 
 def test_batched_translation_equals_the_per_image_loop():
