@@ -29,7 +29,6 @@ Example:
 """
 
 import argparse
-import functools
 import io
 import json
 import os
@@ -265,16 +264,22 @@ def failures(figures):
     return [label for label, f in figures.items() if f.get("error")]
 
 
-FULL_VARIANTS = {"full_eager": dict(compile_backbone=False),  # full (compiled on CUDA), with other switches
-                 "full_grad_checkpointing": dict(grad_checkpointing=True),
-                 "full_eager_grad_checkpointing": dict(compile_backbone=False, grad_checkpointing=True)}
+VARIANTS = {  # label: (adapter, gin bindings): the default adapters with other settings, timed beside them
+    "protonet_eager": ("protonet", {"inference.compile_backbone": False}),
+    "gradient_free_eager": ("gradient_free", {"inference.compile_backbone": False}),
+    "full_eager": ("full", {"full.compile_backbone": False}),
+    "full_grad_checkpointing": ("full", {"full.grad_checkpointing": True}),
+    "full_eager_grad_checkpointing": ("full", {"full.compile_backbone": False, "full.grad_checkpointing": True}),
+}
 
 
 def measure_adapters(args, device):
-    """{adapter: figures} of protonet, gradient_free (≈50 evaluations) and full (50 steps) on one episode.
+    """{label: figures} of protonet, gradient_free (≈50 evaluations) and full (50 steps) on one episode.
 
-    ``full`` is also timed with each of `FULL_VARIANTS` (gradient checkpointing, `torch.compile`).
+    Each adapter is also timed with the settings of its `VARIANTS` (`torch.compile` off, gradient
+    checkpointing), bound in a gin scope named by the variant's label.
     """
+    import gin
     import torch
 
     from methods import create_backbone, create_method
@@ -284,14 +289,20 @@ def measure_adapters(args, device):
     smat = create_method("smat", backbone=create_backbone(args.backbone, pretrained=False)).to(device)
     task = _synthetic_task(args.ways, args.support, args.query, args.image_size, device)
     variants = {name: (name, {}) for name in args.adapters}
-    if "full" in args.adapters:
-        variants.update((label, ("full", options)) for label, options in FULL_VARIANTS.items())
+    variants.update((label, v) for label, v in VARIANTS.items() if v[0] in args.adapters)
+    with gin.unlock_config():
+        gin.parse_config([f"{label}/{key} = {value!r}" for label, (_, bindings) in variants.items()
+                          for key, value in bindings.items()])
     figures = {}
-    for label, (name, options) in tqdm(variants.items(), desc="adapters", file=sys.stderr, leave=False, disable=None):
-        adapter = functools.partial(get_adapter(name, smat), **options)
+    for label, (name, bindings) in tqdm(variants.items(), desc="adapters", file=sys.stderr, leave=False, disable=None):
+        adapter = get_adapter(name, smat)
+
+        def adapt():
+            with gin.config_scope(label if bindings else None):
+                return adapter(smat, task, 1e-4, seeded_generator(name))
+
         paper_s, paper_mib = PAPER_TABLE5.get(name, (None, None))
-        figures[label] = dict(**_measured(label, lambda: adapter(smat, task, 1e-4, seeded_generator(name)), device,
-                                          args.repeats),
+        figures[label] = dict(**_measured(label, adapt, device, args.repeats), bindings=bindings,
                               paper_seconds=paper_s, paper_memory_mib=paper_mib,
                               target_seconds=TARGETS[name][0] if name in TARGETS else None,
                               target_memory_mib=TARGETS[name][1] if name in TARGETS else None)

@@ -35,7 +35,6 @@ episode's generator, so an adapted episode is reproducible.
 import copy
 import hashlib
 import re
-import weakref
 from functools import partial
 
 import gin
@@ -43,7 +42,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from methods.base import autocast, cosine_logits, forward_features, prototypes, support_query_features
+from methods.backbones import derived, load_parameters, working_copy
+from methods.base import autocast, cosine_logits, forward_features, inference_features, prototypes, support_query_features
 
 __all__ = ["ADAPTERS", "get_adapter", "augment_support", "translate", "split_qkv", "searches_lr", "seeded_generator"]
 
@@ -112,17 +112,6 @@ def protonet(method, task, lr, generator):
     return method.task_model(task.support_x, task.support_y, task.ways).predict(task.query_x)
 
 
-_DERIVED = weakref.WeakKeyDictionary()  # backbone -> {key: a module built from it once, reused by every task}
-
-
-def _derived(backbone, key, build):
-    """``build(backbone)``, made once per (backbone, ``key``) and kept while the backbone lives."""
-    built = _DERIVED.setdefault(backbone, {})
-    if key not in built:
-        built[key] = build(backbone)
-    return built[key]
-
-
 @gin.configurable("full", module="methods")
 def full(method, task, lr, generator, steps=50, grad_checkpointing=False, compile_backbone=None):
     """Fine-tune every tensor of θ_i for ``steps`` Adam steps on the (augmented) support set.
@@ -130,24 +119,18 @@ def full(method, task, lr, generator, steps=50, grad_checkpointing=False, compil
     θ_i is copied into one working copy of the backbone, made once and reused by every task (no model
     is created per task). ``grad_checkpointing`` recomputes each block's activations in the backward
     pass (timm's ``set_grad_checkpointing``): about one more forward pass for far less memory.
-    ``compile_backbone`` runs the working copy through `torch.compile` (compiled once per input
-    shape, then reused: shapes seen twice are compiled as dynamic), fusing the forward and backward;
-    None (default) compiles on CUDA, where it made 50 steps 1.4× faster on an H100 (README, Performance),
-    and not elsewhere.
+    ``compile_backbone`` runs the working copy's compiled forward (`methods.backbones.working_copy`),
+    fusing the forward and backward; None (default) compiles on CUDA, where it made 50 steps 1.4×
+    faster on an H100 (README, Performance), and not elsewhere.
     """
     model = method.task_model(task.support_x, task.support_y, task.ways)
     if lr == 0 or steps == 0:
         return model.predict(task.query_x)
     device = task.support_x.device
-    work = _derived(method.backbone, ("full", str(device)), lambda backbone: copy.deepcopy(backbone).to(device))
-    names, params = zip(*work.named_parameters())
-    with torch.no_grad():
-        torch._foreach_copy_(list(params), [model.params[n] for n in names])
+    work, compiled = working_copy(method.backbone, "full", device)
+    params = load_parameters(work, model.params)
     work.eval().requires_grad_(True).set_grad_checkpointing(grad_checkpointing)
-    if compile_backbone is None:
-        compile_backbone = device.type == "cuda"
-    forward = _derived(method.backbone, ("full-compiled", str(device)), lambda _: torch.compile(work)) \
-        if compile_backbone else work
+    forward = compiled if (device.type == "cuda" if compile_backbone is None else compile_backbone) else work
 
     def features_of(x):
         with autocast(device):
@@ -236,7 +219,7 @@ def lora(method, task, lr, generator, steps=50, rank=8, alpha=32, dropout=0.1):
     model = method.task_model(task.support_x, task.support_y, task.ways)
     if lr == 0 or steps == 0:
         return model.predict(task.query_x)
-    lora_backbone = _derived(method.backbone, ("lora", rank, alpha, dropout, str(task.support_x.device)),
+    lora_backbone = derived(method.backbone, ("lora", rank, alpha, dropout, str(task.support_x.device)),
                              lambda backbone: _LoRABackbone(backbone, rank, alpha, dropout))
     theta = {n: p.detach() for n, p in model.params.items()}
     lora_params = lora_backbone.fresh_lora(generator, task.support_x.device)
@@ -263,12 +246,8 @@ def gradient_free(method, task, lr, generator, rounds=6, accept_probability=0.9)
         def params_of(binary):
             return method.merged_params(binary / binary.sum(), training=False)
 
-        def features(params, x):
-            with autocast(task.support_x.device):
-                return forward_features(method.backbone, params, x)
-
         def support_loss(binary):
-            support = features(params_of(binary), task.support_x)
+            support = inference_features(method.backbone, params_of(binary), task.support_x)
             head = prototypes(support, task.support_y, task.ways)
             return float(F.cross_entropy(cosine_logits(support, head), task.support_y))
 
@@ -287,7 +266,7 @@ def gradient_free(method, task, lr, generator, rounds=6, accept_probability=0.9)
                     selection, current_loss = candidate, loss
                 if loss < best_loss:
                     best, best_loss = candidate.clone(), loss
-        return _predict(partial(features, params_of(best)), task, 10.0, 0.0)
+        return _predict(partial(inference_features, method.backbone, params_of(best)), task, 10.0, 0.0)
 
 
 @gin.configurable("full_joint", module="methods")
@@ -302,15 +281,14 @@ def full_joint(method, task, lr, generator, steps=50):
         _, alpha = adapted.routing(task.support_x, task.support_y, task.ways)
         return adapted.merged_params(alpha, training=False)
 
-    def features_of(x, theta=None):
+    def features_of(x):
         with autocast(task.support_x.device):
-            return forward_features(adapted.backbone, theta if theta is not None else params(), x)
+            return forward_features(adapted.backbone, params(), x)
 
     trainable = [p for name, p in adapted.named_parameters() if not name.startswith("backbone.")]
     _finetune(trainable, lambda _: _support_loss(features_of, task, generator, 10.0, 0.0), lr, steps)
     with torch.no_grad():
-        theta = params()
-        return _predict(lambda x: features_of(x, theta), task, 10.0, 0.0)
+        return _predict(partial(inference_features, adapted.backbone, params()), task, 10.0, 0.0)
 
 
 ADAPTERS = {"protonet": protonet, "full": full, "lora": lora, "gradient_free": gradient_free, "full_joint": full_joint}

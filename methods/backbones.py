@@ -15,16 +15,19 @@ local file (``weights_file``); offline without one, `create_backbone` says how t
 for the embedded mini benchmark and the tests; it is timm's ``VisionTransformer`` with small kwargs.
 """
 
+import copy
 import os
+import weakref
 
 import gin
 import timm
+import torch
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models.vision_transformer import VisionTransformer
 
 from registry.errors import DataError
 
-__all__ = ["create_backbone", "MINI_BACKBONE"]
+__all__ = ["create_backbone", "derived", "working_copy", "load_parameters", "MINI_BACKBONE"]
 
 MINI_BACKBONE = "smat_vit_mini_patch4_32"
 
@@ -76,3 +79,50 @@ def create_backbone(name="vit_small_patch16_224.dino", pretrained=True, weights_
 
 
 gin.register(create_backbone, module="methods")
+
+
+_DERIVED = weakref.WeakKeyDictionary()  # backbone -> {key: an object built from it once, reused by every task}
+
+
+def derived(backbone, key, build):
+    """``build(backbone)``, made once per (backbone, ``key``) and kept while the backbone lives."""
+    built = _DERIVED.setdefault(backbone, {})
+    if key not in built:
+        built[key] = build(backbone)
+    return built[key]
+
+
+COMPILED_VARIANTS = 64  # graphs one compiled forward may hold (dynamo's default of 8 is shared by every ViT copy)
+
+
+def working_copy(backbone, purpose, device):
+    """(copy, compiled forward): a deep copy of ``backbone`` on ``device`` and its forward compiled by
+    `torch.compile`, made once per (backbone, ``purpose``, device) and reused by every task.
+
+    A task's θ is loaded into the copy's own parameters (`load_parameters`), so no model is created per
+    task. The compiled forward treats batch and image sizes as dynamic and reads the copy's parameters
+    at every call, so new tasks and new values cost no recompilation; it compiles once per grad mode,
+    train/eval mode and patch grid it meets. Dynamo counts those graphs per code object, and every
+    copy of a ViT shares ``VisionTransformer.forward``, so the limit is raised to `COMPILED_VARIANTS`
+    for these calls: past dynamo's default of 8 it would silently run further variants eagerly.
+    """
+    def build(model):
+        model = copy.deepcopy(model).to(device)
+        compiled = torch.compile(model, dynamic=True)
+
+        def forward(x):
+            with torch._dynamo.config.patch(cache_size_limit=COMPILED_VARIANTS):
+                return compiled(x)
+
+        return model, forward
+
+    return derived(backbone, ("working copy", purpose, str(device)), build)
+
+
+def load_parameters(module, params):
+    """Copy ``params`` (name -> tensor, one per parameter of ``module``) into ``module``'s own parameters
+    with one foreach copy; returns those parameters as a list."""
+    names, own = zip(*module.named_parameters())
+    with torch.no_grad():
+        torch._foreach_copy_(list(own), [params[n] for n in names])
+    return list(own)

@@ -21,6 +21,7 @@ with s = 10, b = 0 unless a method learns them (PMF).
 from contextlib import nullcontext
 from dataclasses import dataclass
 
+import gin
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -28,8 +29,10 @@ from timm.scheduler import CosineLRScheduler
 from torch.func import functional_call
 
 from benchmark.distributed import gather_objects, sum_gradients
+from methods.backbones import load_parameters, working_copy
 
-__all__ = ["Method", "Task", "TaskModel", "prototypes", "cosine_logits", "autocast", "forward_features", "query_metrics",
+__all__ = ["Method", "Task", "TaskModel", "prototypes", "cosine_logits", "autocast", "forward_features", "inference_features",
+           "query_metrics",
            "support_query_features"]
 
 
@@ -60,6 +63,23 @@ def autocast(device):
 def forward_features(backbone, params, x):
     """CLS features of ``x`` under parameters ``params`` (a name -> tensor dict) of ``backbone``, in fp32."""
     return functional_call(backbone, params, (x,)).float()
+
+
+@gin.configurable("inference", module="methods")
+def inference_features(backbone, params, x, compile_backbone=None):
+    """`forward_features` without gradient, under `autocast`: the forward pass of prediction and routing.
+
+    ``compile_backbone`` (None: on CUDA only) loads ``params`` into a working copy of ``backbone``
+    (`methods.backbones.working_copy`, one foreach copy; in ``backbone``'s train/eval mode) and runs it
+    through `torch.compile`, which fuses the pass's elementwise kernels; otherwise ``backbone`` is
+    called functionally with ``params``.
+    """
+    with torch.no_grad(), autocast(x.device):
+        if not (x.device.type == "cuda" if compile_backbone is None else compile_backbone):
+            return forward_features(backbone, params, x)
+        work, compiled = working_copy(backbone, "inference", x.device)
+        load_parameters(work.train(backbone.training), params)
+        return compiled(x).float()
 
 
 def prototypes(features, labels, ways):
@@ -108,9 +128,8 @@ class TaskModel:
     def device(self):
         return next(iter(self.params.values())).device
 
-    def features(self, x, params=None):
-        with autocast(self.device):
-            return forward_features(self.backbone, self.params if params is None else params, x)
+    def features(self, x):
+        return inference_features(self.backbone, self.params, x)
 
     def fit(self, support_x, support_y, ways):
         """Set the ProtoNet head's support set; returns ``self``."""

@@ -37,8 +37,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from methods._registry import register_method
-from methods.base import (Method, TaskModel, autocast, cosine_logits, forward_features, prototypes, query_metrics,
-                          support_query_features)
+from methods.base import (Method, TaskModel, cosine_logits, forward_features, inference_features, prototypes,
+                          query_metrics, support_query_features)
 from methods.experts import ExpertDeltas, HardConcreteMasks, StepExperts, expert_parameter_names, gated_update
 from methods.router import PrototypeRouter, gumbel_sigmoid_weights
 
@@ -131,8 +131,7 @@ class SMAT(Method):
 
     def routing(self, support_x, support_y, ways):
         """(routing logits ℓ, merging weights α) for a support set; θ_pre's features carry no gradient."""
-        with torch.no_grad(), autocast(support_x.device):
-            features = self.backbone(support_x).float()
+        features = inference_features(self.backbone, self.pretrained_params(), support_x)
         logits = self.router(prototypes(features, support_y, ways)).float()
         return logits, gumbel_sigmoid_weights(logits, self.temperature(), self.training)
 
@@ -284,7 +283,7 @@ class SMAT(Method):
                 teacher = {n: p.requires_grad_() for n, p in zip(teacher, stepped)}
                 teacher_head = (teacher_head - self.teacher_lr * grads[-1]).requires_grad_()
         with torch.no_grad():
-            return cosine_logits(forward_features(self.backbone, teacher, query_x), teacher_head)
+            return cosine_logits(inference_features(self.backbone, teacher, query_x), teacher_head)
 
     def before_step(self, tasks, metrics):
         """Dual ascent on λ (Alg. 1): grow while an expert is too dense, weighted by its mean routing weight."""

@@ -21,8 +21,8 @@ import torch
 import torch.nn.functional as F
 
 from methods._registry import register_method
-from methods.base import (Method, TaskModel, autocast, cosine_logits, forward_features, prototypes, query_metrics,
-                          support_query_features)
+from methods.base import (Method, TaskModel, cosine_logits, forward_features, inference_features, prototypes,
+                          query_metrics, support_query_features)
 from methods.experts import ExpertDeltas, expert_parameter_names
 from methods.router import PrototypeRouter
 
@@ -53,8 +53,7 @@ class SoftMerge(Method):
 
     def routing_weights(self, support_x, support_y, ways):
         """α = softmax(h_ζ(prototypes of θ_pre's support features)), with expert dropout in training."""
-        with torch.no_grad(), autocast(support_x.device):
-            features = self.backbone(support_x).float()
+        features = inference_features(self.backbone, self.pretrained_params(), support_x)
         alpha = torch.softmax(self.router(prototypes(features, support_y, ways)).float(), -1)
         if self.training and self.expert_dropout > 0:
             keep = (torch.rand_like(alpha) >= self.expert_dropout).float()

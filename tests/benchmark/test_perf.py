@@ -16,9 +16,12 @@ from methods import MINI_BACKBONE, adapters
 TINY = ["--backbone", MINI_BACKBONE, "--image-size", "32", "--ways", "3", "--repeats", "1", "--device", "cpu"]
 
 
+@gin.configurable("perf_probe")
+def probe_setting(value="default"):
+    return value
+
+
 def test_adapters_prints_table5_and_writes_every_variant(tmp_path, monkeypatch, capsys):
-    # `full` with 2 steps, and without the compiled variants (compiling is checked in test_fast_path.py)
-    monkeypatch.setattr(perf, "FULL_VARIANTS", {"full_grad_checkpointing": dict(grad_checkpointing=True)})
     out = tmp_path / "adapters.json"
     with gin.unlock_config():
         gin.bind_parameter("full.steps", 2)
@@ -27,15 +30,30 @@ def test_adapters_prints_table5_and_writes_every_variant(tmp_path, monkeypatch, 
     finally:
         gin.clear_config()
     figures = json.loads(out.read_text())
-    assert set(figures["adapters"]) == {"protonet", "gradient_free", "full", "full_grad_checkpointing"}
+    assert set(figures["adapters"]) == {"protonet", "gradient_free", "full", *perf.VARIANTS}
     for label, f in figures["adapters"].items():
         assert f["seconds"] > 0 and "error" not in f, label
     assert figures["adapters"]["full_grad_checkpointing"]["paper_seconds"] == perf.PAPER_TABLE5["full"][0]
+    assert figures["adapters"]["full_grad_checkpointing"]["bindings"] == {"full.grad_checkpointing": True}
     assert figures["adapters"]["full"]["target_memory_mib"] == perf.TARGETS["full"][1]
     assert figures["forward"]["images"] == 9 and figures["forward"]["images_per_second"] > 0
     assert figures["code_version"] and figures["torch"]  # what the figures were measured with
     table = capsys.readouterr().out
-    assert "| full_grad_checkpointing |" in table and "paper ÷ ours" in table
+    assert "| full_grad_checkpointing " in table and "paper ÷ ours" in table
+
+
+def test_a_variant_runs_with_its_bindings_and_the_default_without(monkeypatch):
+    seen = {}
+
+    def probe(method, task, lr, generator):
+        seen.setdefault(probe_setting(), 0)
+        seen[probe_setting()] += 1
+        return task.query_y
+
+    monkeypatch.setitem(adapters.ADAPTERS, "protonet", probe)
+    monkeypatch.setattr(perf, "VARIANTS", {"protonet_probed": ("protonet", {"perf_probe.value": "bound"})})
+    perf.main(["adapters", *TINY, "--support", "6", "--query", "3", "--adapters", "protonet"])
+    assert seen == {"default": 2, "bound": 2}  # a warm-up and one timed call each
 
 
 def test_step_reports_the_smat_to_pmf_ratio(tmp_path, capsys):

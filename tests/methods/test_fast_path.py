@@ -11,13 +11,15 @@ import contextlib
 import copy
 import os
 
+import gin
 import pytest
 import torch
 import torch.nn.functional as F
 
 from methods import MINI_BACKBONE, Task, create_backbone, create_method
-from methods.adapters import _DERIVED, _support_loss, get_adapter, seeded_generator, split_qkv
-from methods.base import autocast, cosine_logits, forward_features, prototypes
+from methods.adapters import _support_loss, get_adapter, seeded_generator, split_qkv
+from methods.backbones import _DERIVED
+from methods.base import autocast, cosine_logits, forward_features, inference_features, prototypes
 from methods.experts import BETA, GAMMA, ZETA
 from methods.smat import distillation_loss
 
@@ -56,10 +58,8 @@ def full_precision(monkeypatch):
     """fp32 everywhere, also on a GPU (no autocast, no TF32), so gradients can be compared elementwise:
     bf16 rounds the two computations differently, which the prediction checks bound instead."""
     import methods.base
-    import methods.smat
 
-    for module in (methods.base, methods.smat):
-        monkeypatch.setattr(module, "autocast", lambda device: contextlib.nullcontext())
+    monkeypatch.setattr(methods.base, "autocast", lambda device: contextlib.nullcontext())
     if DEVICE.type != "cuda":
         yield
         return
@@ -282,8 +282,8 @@ def test_full_fine_tuning_carries_nothing_between_tasks_and_checkpointing_change
     else:  # GPU attention backward kernels need not be bitwise deterministic
         assert_same_predictions(again, alone)
     checkpointed = full(method, second, 1e-3, seeded_generator("b"), steps=5, grad_checkpointing=True)
-    key = ("full", str(second.support_x.device))
-    assert _DERIVED[method.backbone][key].grad_checkpointing  # the working copy did checkpoint
+    work, _ = _DERIVED[method.backbone][("working copy", "full", str(DEVICE))]
+    assert work.grad_checkpointing  # the working copy did checkpoint
     assert_same_predictions(checkpointed, alone)
 
 
@@ -292,7 +292,30 @@ def test_compiled_full_fine_tuning_equals_the_eager_one():
 
     method = trained_like("smat")
     task = random_task(queries=FINETUNE_QUERIES, seed=8)
-    eager = full(method, task, 1e-3, seeded_generator("c"), steps=3)
+    eager = full(method, task, 1e-3, seeded_generator("c"), steps=3, compile_backbone=False)
     compiled = full(method, task, 1e-3, seeded_generator("c"), steps=3, compile_backbone=True)
-    assert ("full-compiled", str(task.support_x.device)) in _DERIVED[method.backbone]  # the compiled path was taken
+    assert ("working copy", "full", str(DEVICE)) in _DERIVED[method.backbone]  # the compiled path was taken
     assert_same_predictions(compiled, eager)
+
+
+def test_compiled_inference_equals_the_plain_forward():
+    """`inference_features` through the compiled working copy gives the functional forward's features for
+    other weights and other batch sizes (the copy keeps no stale weights, the graph no stale shapes), and
+    the predictions of protonet and gradient_free."""
+    method = trained_like("smat")
+    backbone = method.backbone
+    other = {n: p.detach() + 0.05 * torch.randn_like(p) for n, p in backbone.named_parameters()}
+    tolerance = dict(rtol=1e-4, atol=1e-4) if DEVICE.type == "cpu" else dict(rtol=0.05, atol=0.05)  # bf16
+    for params, n in [(method.pretrained_params(), 12), (other, 12), (other, 21), (method.pretrained_params(), 7)]:
+        x = torch.randn(n, 3, 32, 32, device=DEVICE)
+        torch.testing.assert_close(inference_features(backbone, params, x, compile_backbone=True),
+                                   inference_features(backbone, params, x, compile_backbone=False), **tolerance)
+    tasks = [random_task(seed=9), random_task(ways=3, shots=2, queries=5, seed=10)]
+    predictions = {}
+    for compiled in (False, True):
+        gin.bind_parameter("inference.compile_backbone", compiled)
+        predictions[compiled] = [get_adapter(name)(method, task, 0.0, seeded_generator("g"))
+                                 for name in ("protonet", "gradient_free") for task in tasks]
+    assert ("working copy", "inference", str(DEVICE)) in _DERIVED[backbone]  # the compiled path was taken
+    for fast, plain in zip(predictions[True], predictions[False], strict=True):
+        assert_same_predictions(fast, plain)
