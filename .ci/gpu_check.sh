@@ -38,6 +38,6 @@ wait $tests || { status=1; echo "fast-path tests FAILED"; }
 wait $smoke || { status=1; echo "smoke runs FAILED"; }
 tail -n 3 "$out/fast_path.log"; grep -E "^== |ID|OOD" "$out/smoke.log"
 
-timeout 360 $python -m benchmark.perf all --device "$device" --workers 0 2 8 --json "$out/perf.json" \
+timeout 360 $python -m benchmark.perf all --device "$device" --workers 0 2 8 --json "$out/perf.json" --profile "$out/profiles" \
     2>&1 | tee "$out/perf.log" || status=1
 exit $status

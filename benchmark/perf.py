@@ -264,22 +264,41 @@ def failures(figures):
     return [label for label, f in figures.items() if f.get("error")]
 
 
-VARIANTS = {  # label: (adapter, gin bindings): the default adapters with other settings, timed beside them
+ADAPTER_VARIANTS = {  # label: (adapter, gin bindings): the default adapters with other settings, timed beside them
     "protonet_eager": ("protonet", {"inference.compile_backbone": False}),
     "gradient_free_eager": ("gradient_free", {"inference.compile_backbone": False}),
     "full_eager": ("full", {"full.compile_backbone": False}),
     "full_grad_checkpointing": ("full", {"full.grad_checkpointing": True}),
     "full_eager_grad_checkpointing": ("full", {"full.compile_backbone": False, "full.grad_checkpointing": True}),
 }
+STEP_VARIANTS = {  # label: (method, gin bindings), timed beside the PMF and SMAT steps
+    "smat_eager_inference": ("smat", {"inference.compile_backbone": False}),
+}
+
+
+def _variants(defaults, variants):
+    """label -> (name, gin bindings): each of ``defaults`` unbound, then the ``variants`` of those names,
+    whose bindings are parsed into a gin scope named by the label (entered by `_bound`)."""
+    import gin
+
+    chosen = {name: (name, {}) for name in defaults}
+    chosen.update((label, v) for label, v in variants.items() if v[0] in defaults)
+    with gin.unlock_config():
+        gin.parse_config([f"{label}/{key} = {value!r}" for label, (_, bindings) in chosen.items()
+                          for key, value in bindings.items()])
+    return chosen
+
+
+def _bound(label, bindings):
+    """The gin scope of variant ``label`` (no scope at all for a default)."""
+    import gin
+
+    return gin.config_scope(label if bindings else None)
 
 
 def measure_adapters(args, device):
-    """{label: figures} of protonet, gradient_free (≈50 evaluations) and full (50 steps) on one episode.
-
-    Each adapter is also timed with the settings of its `VARIANTS` (`torch.compile` off, gradient
-    checkpointing), bound in a gin scope named by the variant's label.
-    """
-    import gin
+    """{label: figures} of protonet, gradient_free (≈50 evaluations) and full (50 steps) on one episode,
+    each also with the settings of its `ADAPTER_VARIANTS` (`torch.compile` off, gradient checkpointing)."""
     import torch
 
     from methods import create_backbone, create_method
@@ -288,17 +307,13 @@ def measure_adapters(args, device):
     torch.manual_seed(0)
     smat = create_method("smat", backbone=create_backbone(args.backbone, pretrained=False)).to(device)
     task = _synthetic_task(args.ways, args.support, args.query, args.image_size, device)
-    variants = {name: (name, {}) for name in args.adapters}
-    variants.update((label, v) for label, v in VARIANTS.items() if v[0] in args.adapters)
-    with gin.unlock_config():
-        gin.parse_config([f"{label}/{key} = {value!r}" for label, (_, bindings) in variants.items()
-                          for key, value in bindings.items()])
     figures = {}
+    variants = _variants(args.adapters, ADAPTER_VARIANTS)
     for label, (name, bindings) in tqdm(variants.items(), desc="adapters", file=sys.stderr, leave=False, disable=None):
         adapter = get_adapter(name, smat)
 
         def adapt():
-            with gin.config_scope(label if bindings else None):
+            with _bound(label, bindings):
                 return adapter(smat, task, 1e-4, seeded_generator(name))
 
         paper_s, paper_mib = PAPER_TABLE5.get(name, (None, None))
@@ -329,7 +344,9 @@ def measure_forward(args, device):
 
 
 def measure_step(args, device):
-    """{pmf, smat: figures} of one meta-training step on the same tasks, and their ratio."""
+    """{label: figures} of one meta-training step of PMF, SMAT and the `STEP_VARIANTS` on the same tasks,
+    and the ratio SMAT ÷ PMF. With ``args.profile`` (a folder), one more step of each is profiled:
+    ``step_<label>.txt`` there holds its operators by device time, and the figures its kernel count."""
     import torch
 
     from methods import create_backbone, create_method
@@ -337,14 +354,40 @@ def measure_step(args, device):
     tasks = [_synthetic_task(args.ways, args.support, args.query, args.image_size, device, seed=i)
              for i in range(args.tasks)]
     figures = {}
-    for name in ("pmf", "smat"):
+    for label, (name, bindings) in _variants(["pmf", "smat"], STEP_VARIANTS).items():
         torch.manual_seed(0)
         method = create_method(name, backbone=create_backbone(args.backbone, pretrained=False),
                                tasks_per_step=args.tasks).to(device)
         method.configure_training(10 * args.repeats + 10)
-        figures[name] = _measured(name, lambda: method.meta_train_step(tasks), device, args.repeats)
+
+        def step():
+            with _bound(label, bindings):
+                method.meta_train_step(tasks)
+
+        figures[label] = dict(_measured(label, step, device, args.repeats), bindings=bindings)
+        if args.profile and not figures[label].get("error"):
+            figures[label]["kernels"] = _profile(step, device, Path(args.profile) / f"step_{label}.txt")
     pmf, smat = figures["pmf"]["seconds"], figures["smat"]["seconds"]
     return dict(steps=figures, ratio=smat / pmf if pmf and smat else None)
+
+
+def _profile(fn, device, path):
+    """Profile one ``fn()``: its operators by device time (CPU time off CUDA) go to ``path``; returns the
+    number of CUDA kernels it launched (None off CUDA)."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = device.type == "cuda"
+    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
+        fn()
+        if cuda:
+            torch.cuda.synchronize(device)
+    averages = prof.key_averages()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(averages.table(sort_by="cuda_time_total" if cuda else "cpu_time_total", row_limit=40))
+    if not cuda:
+        return None
+    return sum(e.count for e in averages if e.device_type == torch.autograd.DeviceType.CUDA)
 
 
 def _provenance():
@@ -362,9 +405,11 @@ def _describe(args, device, what):
 
 
 def print_step(step, device):
-    for name, f in step["steps"].items():
-        print(f"{name:<6} step {_cell(f['seconds'], '8.3f')} s  peak {_cell(f['peak_memory_mib'], '.0f')} MiB"
-              + _failure(f))
+    width = max(map(len, step["steps"]))
+    for label, f in step["steps"].items():
+        kernels = f"  {f['kernels']:,} kernels" if f.get("kernels") else ""
+        print(f"{label:<{width}} step {_cell(f['seconds'], '8.3f')} s  peak {_cell(f['peak_memory_mib'], '.0f')} MiB"
+              + kernels + _failure(f))
     if step["ratio"] is not None:
         met = "met" if step["ratio"] <= STEP_RATIO_TARGET else "not met"
         print(f"SMAT step / PMF step = {step['ratio']:.2f} (target <= {STEP_RATIO_TARGET}: {met}) "
@@ -404,7 +449,7 @@ def run_all(args, parser):
               "--device", str(device)]
     data_args = parser.parse_args(["data", "--workers", *map(str, args.workers), "--episodes", str(args.episodes)])
     adapter_args = parser.parse_args(["adapters", *shared])
-    step_args = parser.parse_args(["step", *shared])
+    step_args = parser.parse_args(["step", *shared, *(["--profile", args.profile] if args.profile else [])])
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     payload = dict(device=_device_label(device), cpu=_cpu_label(), backbone=args.backbone,
@@ -462,10 +507,12 @@ def main(argv=None):
     step = commands.add_parser("step", help="a SMAT meta-training step against a PMF step on the same tasks")
     _compute_flags(step, support=100, query=100)
     step.add_argument("--tasks", type=int, default=4)
+    step.add_argument("--profile", metavar="DIR", help="also profile one step of each, into DIR/step_<label>.txt")
     every = commands.add_parser("all", help="data, adapters and step in one run, one JSON file")
     _compute_flags(every)
     every.add_argument("--workers", nargs="+", type=int, default=[0, 2], help="DataLoader worker counts to time")
     every.add_argument("--episodes", type=int, default=10, help="data: episodes per source and worker count")
+    every.add_argument("--profile", metavar="DIR", help="step: also profile one step of each, into DIR")
     args = parser.parse_args(argv)
     with exit_on_error(PROG):
         if args.command == "all":

@@ -30,7 +30,7 @@ def test_adapters_prints_table5_and_writes_every_variant(tmp_path, monkeypatch, 
     finally:
         gin.clear_config()
     figures = json.loads(out.read_text())
-    assert set(figures["adapters"]) == {"protonet", "gradient_free", "full", *perf.VARIANTS}
+    assert set(figures["adapters"]) == {"protonet", "gradient_free", "full", *perf.ADAPTER_VARIANTS}
     for label, f in figures["adapters"].items():
         assert f["seconds"] > 0 and "error" not in f, label
     assert figures["adapters"]["full_grad_checkpointing"]["paper_seconds"] == perf.PAPER_TABLE5["full"][0]
@@ -51,16 +51,20 @@ def test_a_variant_runs_with_its_bindings_and_the_default_without(monkeypatch):
         return task.query_y
 
     monkeypatch.setitem(adapters.ADAPTERS, "protonet", probe)
-    monkeypatch.setattr(perf, "VARIANTS", {"protonet_probed": ("protonet", {"perf_probe.value": "bound"})})
+    monkeypatch.setattr(perf, "ADAPTER_VARIANTS", {"protonet_probed": ("protonet", {"perf_probe.value": "bound"})})
     perf.main(["adapters", *TINY, "--support", "6", "--query", "3", "--adapters", "protonet"])
     assert seen == {"default": 2, "bound": 2}  # a warm-up and one timed call each
 
 
-def test_step_reports_the_smat_to_pmf_ratio(tmp_path, capsys):
+def test_step_reports_the_smat_to_pmf_ratio_and_profiles_each_step(tmp_path, capsys):
     out = tmp_path / "step.json"
-    perf.main(["step", *TINY, "--support", "6", "--query", "3", "--tasks", "2", "--json", str(out)])
+    perf.main(["step", *TINY, "--support", "6", "--query", "3", "--tasks", "2", "--json", str(out),
+               "--profile", str(tmp_path / "profiles")])
     figures = json.loads(out.read_text())
-    assert set(figures["steps"]) == {"pmf", "smat"}
+    assert set(figures["steps"]) == {"pmf", "smat", *perf.STEP_VARIANTS}
+    assert figures["steps"]["smat_eager_inference"]["bindings"] == {"inference.compile_backbone": False}
+    for label in figures["steps"]:
+        assert "aten::" in (tmp_path / "profiles" / f"step_{label}.txt").read_text()  # the step's operators
     assert figures["ratio"] == pytest.approx(figures["steps"]["smat"]["seconds"] / figures["steps"]["pmf"]["seconds"])
     assert "SMAT step / PMF step = " in capsys.readouterr().out
 
