@@ -42,7 +42,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from methods.backbones import derived, load_parameters, working_copy
+from methods.backbones import compiles, derived, load_parameters, working_copy
 from methods.base import autocast, cosine_logits, forward_features, inference_features, prototypes, support_query_features
 
 __all__ = ["ADAPTERS", "get_adapter", "augment_support", "translate", "split_qkv", "searches_lr", "seeded_generator"]
@@ -121,7 +121,7 @@ def full(method, task, lr, generator, steps=50, grad_checkpointing=False, compil
     pass (timm's ``set_grad_checkpointing``): about one more forward pass for far less memory.
     ``compile_backbone`` runs the working copy's compiled forward (`methods.backbones.working_copy`),
     fusing the forward and backward; None (default) compiles on CUDA, where it made 50 steps 1.4×
-    faster on an H100 (README, Performance), and not elsewhere.
+    faster on an H100 (README, Performance; with shapes then specialised to the episode), and not elsewhere.
     """
     model = method.task_model(task.support_x, task.support_y, task.ways)
     if lr == 0 or steps == 0:
@@ -130,7 +130,7 @@ def full(method, task, lr, generator, steps=50, grad_checkpointing=False, compil
     work, compiled = working_copy(method.backbone, "full", device)
     params = load_parameters(work, model.params)
     work.eval().requires_grad_(True).set_grad_checkpointing(grad_checkpointing)
-    forward = compiled if (device.type == "cuda" if compile_backbone is None else compile_backbone) else work
+    forward = compiled if compiles(compile_backbone, device) else work
 
     def features_of(x):
         with autocast(device):

@@ -27,7 +27,7 @@ from timm.models.vision_transformer import VisionTransformer
 
 from registry.errors import DataError
 
-__all__ = ["create_backbone", "derived", "working_copy", "load_parameters", "MINI_BACKBONE"]
+__all__ = ["create_backbone", "derived", "working_copy", "load_parameters", "compiles", "MINI_BACKBONE"]
 
 MINI_BACKBONE = "smat_vit_mini_patch4_32"
 
@@ -100,9 +100,9 @@ def working_copy(backbone, purpose, device):
     `torch.compile`, made once per (backbone, ``purpose``, device) and reused by every task.
 
     A task's θ is loaded into the copy's own parameters (`load_parameters`), so no model is created per
-    task. The compiled forward treats batch and image sizes as dynamic and reads the copy's parameters
-    at every call, so new tasks and new values cost no recompilation; it compiles once per grad mode,
-    train/eval mode and patch grid it meets. Dynamo counts those graphs per code object, and every
+    task. The compiled forward treats batch sizes as dynamic and reads the copy's parameters at every
+    call, so new tasks and new values cost no recompilation; it compiles once per grad mode, train/eval
+    mode and patch grid it meets. Dynamo counts those graphs per code object, and every
     copy of a ViT shares ``VisionTransformer.forward``, so the limit is raised to `COMPILED_VARIANTS`
     for these calls: past dynamo's default of 8 it would silently run further variants eagerly.
     """
@@ -126,3 +126,8 @@ def load_parameters(module, params):
     with torch.no_grad():
         torch._foreach_copy_(list(own), [params[n] for n in names])
     return list(own)
+
+
+def compiles(compile_backbone, device):
+    """Whether a ``compile_backbone`` switch compiles on ``device``: None means on CUDA only."""
+    return torch.device(device).type == "cuda" if compile_backbone is None else bool(compile_backbone)

@@ -29,11 +29,10 @@ from timm.scheduler import CosineLRScheduler
 from torch.func import functional_call
 
 from benchmark.distributed import gather_objects, sum_gradients
-from methods.backbones import load_parameters, working_copy
+from methods.backbones import compiles, load_parameters, working_copy
 
-__all__ = ["Method", "Task", "TaskModel", "prototypes", "cosine_logits", "autocast", "forward_features", "inference_features",
-           "query_metrics",
-           "support_query_features"]
+__all__ = ["Method", "Task", "TaskModel", "prototypes", "cosine_logits", "autocast", "forward_features",
+           "inference_features", "query_metrics", "support_query_features"]
 
 
 @dataclass
@@ -75,7 +74,7 @@ def inference_features(backbone, params, x, compile_backbone=None):
     called functionally with ``params``.
     """
     with torch.no_grad(), autocast(x.device):
-        if not (x.device.type == "cuda" if compile_backbone is None else compile_backbone):
+        if not compiles(compile_backbone, x.device):
             return forward_features(backbone, params, x)
         work, compiled = working_copy(backbone, "inference", x.device)
         load_parameters(work.train(backbone.training), params)
