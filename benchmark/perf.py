@@ -203,6 +203,7 @@ def _device_label(device):
 
 def _write_json(path, payload):
     if path:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
         Path(path).write_text(json.dumps(payload, indent=1, sort_keys=True))
         print(f"wrote {path}")
 
