@@ -35,6 +35,7 @@ import argparse
 import contextlib
 import hashlib
 import json
+import math
 import multiprocessing
 import os
 import shlex
@@ -71,13 +72,24 @@ def _header(source, spec, preprocess):
                 spec_sha256=digest)
 
 
-def _class_array(path, shape):
-    """The memory-mapped class file ``path`` if it is a uint8 C-order array of ``shape``, else None."""
+_HEADER_READERS = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
+
+
+def _pixel_offset(path, shape):
+    """The byte offset of the pixels in the class file ``path`` if it is a complete ``.npy`` of a uint8
+    C-order array of ``shape``, else None."""
     try:
-        array = np.load(path, mmap_mode="r")
+        with open(path, "rb") as f:
+            read_header = _HEADER_READERS.get(np.lib.format.read_magic(f))
+            if read_header is None:
+                return None
+            stored_shape, fortran_order, dtype = read_header(f)
+            offset = f.tell()
+            complete = os.fstat(f.fileno()).st_size == offset + math.prod(shape)
     except (OSError, ValueError, EOFError):
         return None
-    return array if array.dtype == np.uint8 and array.shape == shape and array.flags.c_contiguous else None
+    ok = tuple(stored_shape) == shape and not fortran_order and dtype == np.uint8 and complete
+    return offset if ok else None
 
 
 def _write_json(path, value):
@@ -117,8 +129,9 @@ class DecodedSource:
     """The decoded cache of one source for one preprocessing, checked against the source's spec when opened.
 
     Opening checks that ``cache.json`` exists and was built from this ``dataset_spec.json`` (SHA-256),
-    for this image size and resize, with the spec's record count for every class. The object holds no
-    open file (each `pixels` call maps the class file anew), so it pickles into DataLoader workers.
+    for this image size and resize, with the spec's record count for every class. A class file is checked
+    when first read (its header parsed once); the object holds no open file (each read opens the class
+    file), so it pickles into DataLoader workers.
 
     Raises:
         DataError: the cache is missing, unfinished or stale; names ``cache.json`` and the build command.
@@ -157,26 +170,51 @@ class DecodedSource:
                     f"{meta_file}: class {c} has {have} cached records, {spec_file} says {want}; {self.fix}"
                 )
         self.classes = classes  # per class: {"bytes": record file size when built, "records": count}
+        self._offsets = {}  # class id -> where its pixels start in its file, once the file is checked
 
     def class_path(self, class_id):
         return self.directory / f"{class_id}.npy"
 
-    def array(self, class_id):
-        """The memory-mapped ``uint8 N×3×s×s`` pixels of class ``class_id``, mapped anew on each call.
+    def records_in(self, class_id):
+        """The record count of class ``class_id``, once its class file is checked (the spec's count).
 
         Raises:
-            DataError: the class file is missing or not a uint8 C-order array of the spec's shape.
+            DataError: the class file is missing, incomplete, or not a uint8 C-order array of the spec's shape.
         """
-        path, shape = self.class_path(class_id), _shape(self.spec.get_total_images_per_class(class_id), self.preprocess)
-        array = _class_array(path, shape)
-        if array is None:
-            what = f"not a uint8 C-order array of shape {shape}" if path.exists() else "missing class file"
-            raise DataError(f"{path}: {what} of the decoded cache of '{self.source}'; {self.fix}")
-        return array
+        self._pixel_offset(class_id)
+        return self.spec.get_total_images_per_class(class_id)
+
+    def _pixel_offset(self, class_id):
+        """Where the pixels of class ``class_id`` start in its file; the file is checked on first use."""
+        if class_id not in self._offsets:
+            path, shape = self.class_path(class_id), _shape(self.spec.get_total_images_per_class(class_id),
+                                                            self.preprocess)
+            offset = _pixel_offset(path, shape)
+            if offset is None:
+                what = f"not a complete uint8 C-order array of shape {shape}" if path.exists() else "missing class file"
+                raise DataError(f"{path}: {what} of the decoded cache of '{self.source}'; {self.fix}")
+            self._offsets[class_id] = offset
+        return self._offsets[class_id]
+
+    def read(self, class_id, indices, out):
+        """Read the cached pixels of records ``indices`` of class ``class_id`` into ``out`` (a contiguous
+        uint8 ``N×3×s×s`` CPU tensor, e.g. a slice of an episode's batch): one positioned read per image,
+        so an episode is assembled without an intermediate copy. Returns ``out``."""
+        start, size = self._pixel_offset(class_id), math.prod(out.shape[1:])
+        path = self.class_path(class_id)
+        rows = out.numpy().reshape(len(out), size)
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            for row, index in zip(rows, indices, strict=True):
+                if os.preadv(fd, [row], start + int(index) * size) != size:
+                    raise DataError(f"{path}: record {int(index)} is cut short; {self.fix}")
+        finally:
+            os.close(fd)
+        return out
 
     def pixels(self, class_id, indices):
-        """Cached pixels of records ``indices`` of class ``class_id``: a uint8 ``N×3×s×s`` tensor (a copy)."""
-        return torch.from_numpy(self.array(class_id)[np.asarray(indices, dtype=np.int64)])
+        """Cached pixels of records ``indices`` of class ``class_id``: a new uint8 ``N×3×s×s`` tensor."""
+        return self.read(class_id, indices, torch.empty(_shape(len(indices), self.preprocess), dtype=torch.uint8))
 
 
 def _build_class(records, directory, class_id):
@@ -239,7 +277,7 @@ def build_source(cache, records, workers=1):
     entries, todo = {}, {}
     for c in range(spec.num_classes):
         entry = {"bytes": records.record_file(c).path.stat().st_size, "records": spec.get_total_images_per_class(c)}
-        present = _class_array(directory / f"{c}.npy", _shape(entry["records"], preprocess)) is not None
+        present = _pixel_offset(directory / f"{c}.npy", _shape(entry["records"], preprocess)) is not None
         if present and built.get(str(c)) == entry:
             entries[str(c)] = entry
         else:
@@ -288,7 +326,7 @@ def verify_source(cache, records, per_class=None):
         size, built = path.stat().st_size, decoded.classes[str(c)].get("bytes")
         if size != built:
             raise DataError(f"{path}: {size} bytes, but {decoded.class_path(c)} was built from {built}; {decoded.fix}")
-        n = len(decoded.array(c))
+        n = decoded.records_in(c)
         if per_class is None:
             picked = np.arange(n)
         else:

@@ -181,17 +181,21 @@ class SourceRecords:
             records.close()  # thousands of class files: keep the offsets, not the handles
         return torch.stack(out) if out else torch.empty(0, 3, self.preprocess.image_size, self.preprocess.image_size)
 
+    @property
+    def stored_dtype(self):
+        """What episodes carry (`Episode`): uint8 from the decoded cache or under ``center_crop``
+        (PIL output is integer), else float32."""
+        return torch.uint8 if self.decoded is not None or self.preprocess.resize == "center_crop" else torch.float32
+
     def stored_pixels(self, class_id, indices):
-        """The pixels of records ``indices`` of class ``class_id`` as episodes carry them (`Episode`).
+        """The pixels of records ``indices`` of class ``class_id`` as episodes carry them (`stored_dtype`).
 
         From the decoded cache when there is one (equal to `pixels` under ``center_crop``, `pixels`
-        rounded to the nearest grey level under ``squash``), else `pixels`; uint8 whenever they are
-        integers, which under ``center_crop`` (PIL output) they always are.
+        rounded to the nearest grey level under ``squash``), else `pixels`.
         """
         if self.decoded is not None:
             return self.decoded.pixels(class_id, indices)
-        pixels = self.pixels(class_id, indices)
-        return pixels.to(torch.uint8) if self.preprocess.resize == "center_crop" else pixels
+        return self.pixels(class_id, indices).to(self.stored_dtype)
 
     def images(self, class_id, indices):
         """Records ``indices`` of absolute class ``class_id``, preprocessed (float32 ``N×3×s×s``)."""
@@ -201,20 +205,33 @@ class SourceRecords:
         """Assemble the `Episode` of ``description`` (relative ids of ``split``) for ``episode_id``."""
         rng = episode_id.image_rng()
         offset = self.spec.split_offset(split)
-        parts = {"support": ([], [], []), "query": ([], [], [])}
-        for label, (rel_id, k, q) in enumerate(description):
+        support, query = [], []
+        for rel_id, k, q in description:
             class_id = offset + rel_id
-            n = self.spec.get_total_images_per_class(class_id)
-            picked = rng.choice(n, size=k + q, replace=False)
-            for name, indices in (("support", picked[:k]), ("query", picked[k:])):
-                images, labels, records = parts[name]
-                images.append(self.stored_pixels(class_id, indices))
-                labels.append(torch.full((len(indices),), label, dtype=torch.int64))
-                records.append(np.stack([np.full(len(indices), class_id), indices], axis=1))
-        (s_img, s_lab, s_rec), (q_img, q_lab, q_rec) = (
-            (torch.cat(i), torch.cat(l), np.concatenate(r).astype(np.int64)) for i, l, r in parts.values()
-        )
+            picked = rng.choice(self.spec.get_total_images_per_class(class_id), size=k + q, replace=False)
+            support.append((class_id, picked[:k]))
+            query.append((class_id, picked[k:]))
+        (s_img, s_lab, s_rec), (q_img, q_lab, q_rec) = self._gather(support), self._gather(query)
         return Episode(episode_id, description, s_img, s_lab, q_img, q_lab, s_rec, q_rec, self.preprocess)
+
+    def _gather(self, parts):
+        """(pixels, labels, records) of one set, ``parts`` = [(class id, record indices)] for labels 0, 1, ...
+
+        The pixels go straight into the set's batch tensor: the decoded cache reads into its slices,
+        decoded records are copied there once.
+        """
+        sizes = [len(indices) for _, indices in parts]
+        pixels = torch.empty(sum(sizes), 3, self.preprocess.image_size, self.preprocess.image_size,
+                             dtype=self.stored_dtype)
+        for (class_id, indices), out in zip(parts, pixels.split(sizes), strict=True):
+            if self.decoded is not None:
+                self.decoded.read(class_id, indices, out)
+            else:
+                out.copy_(self.stored_pixels(class_id, indices))
+        labels = torch.repeat_interleave(torch.arange(len(parts)), torch.tensor(sizes, dtype=torch.int64))
+        records = np.concatenate([np.stack([np.full(len(indices), class_id), indices], axis=1)
+                                  for class_id, indices in parts]).astype(np.int64)
+        return pixels, labels, records
 
 
 class BenchmarkData:

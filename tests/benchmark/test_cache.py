@@ -147,8 +147,10 @@ def _rewrite_class(path, class_id, count):
         ("spec", r"noise/center_crop-8/cache\.json: built from another \S+/noise/dataset_spec\.json "
                  r"\(its SHA-256 changed\); "),
         ("missing", r"noise/center_crop-8/4\.npy: missing class file of the decoded cache of 'noise'; "),
+        ("truncated", r"noise/center_crop-8/5\.npy: not a complete uint8 C-order array of shape \(12, 3, 8, 8\) "
+                      r"of the decoded cache of 'noise'; "),
     ],
-    ids=["pixel", "record_size", "spec", "missing"],
+    ids=["pixel", "record_size", "spec", "missing", "truncated"],
 )
 def test_verify_names_the_first_fault_and_the_rebuild_that_fixes_it(fault, message, records_root, tmp_path):
     benchmark, cache_root = toy_benchmark(), tmp_path / "decoded"
@@ -164,8 +166,10 @@ def test_verify_names_the_first_fault_and_the_rebuild_that_fixes_it(fault, messa
     elif fault == "spec":
         spec_file = records_root / "noise" / "dataset_spec.json"
         spec_file.write_text(spec_file.read_text().replace('"c3"', '"renamed"'))
-    else:
+    elif fault == "missing":
         (directory / "4.npy").unlink()
+    else:
+        _truncate(directory / "5.npy", 10)
     with pytest.raises(DataError) as error:
         verify_cache(benchmark, records_root, cache_root)
     assert re.search(message + re.escape(REBUILD), str(error.value)), str(error.value)
@@ -174,6 +178,23 @@ def test_verify_names_the_first_fault_and_the_rebuild_that_fixes_it(fault, messa
         (directory / "3.npy").unlink()
     build_cache(benchmark, records_root, cache_root)
     assert "192 of 192" in verify_cache(benchmark, records_root, cache_root)
+
+
+def _truncate(path, nbytes):
+    with open(path, "r+b") as f:
+        f.truncate(path.stat().st_size - nbytes)
+
+
+def test_a_class_file_cut_short_after_it_was_checked_names_the_record(records_root, tmp_path):
+    benchmark, cache_root = toy_benchmark(), tmp_path / "decoded"
+    build_cache(benchmark, records_root, cache_root)
+    data = BenchmarkData(benchmark, records_root, decoded_cache=cache_root)
+    decoded = data.source("noise").decoded
+    first = decoded.pixels(5, [11, 0])  # the class file is checked and its pixel offset kept
+    _truncate(decoded.class_path(5), 10)
+    assert torch.equal(decoded.pixels(5, [0]), first[1:])
+    with pytest.raises(DataError, match=r"5\.npy: record 11 is cut short; " + re.escape(REBUILD)):
+        decoded.pixels(5, [0, 11])
 
 
 def test_verify_per_class_re_decodes_k_records_of_each_class(records_root, tmp_path):
