@@ -1,4 +1,4 @@
-"""Decoded images, resized once per source and memory-mapped: an optional fast path for episodes.
+"""Decoded images, resized once per source and read by position: an optional fast path for episodes.
 
 Decoding and resizing JPEGs is what episode assembly spends its time on. A decoded cache holds every
 record of a source already decoded and resized for one preprocessing (`SourceRecords.pixels`), as
@@ -19,6 +19,10 @@ A build writes each class file atomically (``<class_id>.npy.tmp``, then a rename
 done so far in ``cache.partial.json``, so an interrupted build resumes: a class is rebuilt unless its
 file has the right shape and its record file still has the size it had when the class was built.
 ``cache.json`` is written last; a cache without it is not read.
+
+Reading needs no decoding and no mapping: image i of a class is ``s·s·3`` bytes at a fixed offset
+after the ``.npy`` header, so an episode reads each of its images with one positioned read straight
+into its batch (`DecodedSource.read`).
 
 Example:
     >>> data = BenchmarkData("md_mini", decoded_cache="/data/decoded")  # after `build md_mini --cache /data/decoded`
