@@ -4,7 +4,7 @@
 * ``adapters``: seconds and peak GPU memory per task of the meta-test adapters on one synthetic
   real-size episode, as Table 5: the paper's figure beside, their ratio, and the targets;
 * ``step``: a SMAT meta-training step against a PMF step on the same tasks;
-* ``all``: the three in one run and one JSON file — the prepared script for a GPU machine.
+* ``all``: the three in one run and one JSON file (GPU figures first) — the prepared script for a GPU machine.
 
 ``data`` reports episodes/s and images/s for assembling whole episodes (description, record reads, JPEG
 decode, resize) through the same `DataLoader` path that training and evaluation use (normalisation
@@ -442,7 +442,11 @@ def run_step(args):
 
 
 def run_all(args, parser):
-    """Every figure in one run (the prepared script for a GPU machine): data, adapters (Table 5), step."""
+    """Every figure in one run (the prepared script for a GPU machine): adapters (Table 5), step, data.
+
+    The GPU figures come first, so a run stopped by a time limit loses the CPU-side data figures, which
+    any machine can measure, rather than the GPU ones; the JSON is rewritten after each stage.
+    """
     import torch
 
     device = _device(args)
@@ -451,17 +455,9 @@ def run_all(args, parser):
     data_args = parser.parse_args(["data", "--workers", *map(str, args.workers), "--episodes", str(args.episodes)])
     adapter_args = parser.parse_args(["adapters", *shared])
     step_args = parser.parse_args(["step", *shared, *(["--profile", args.profile] if args.profile else [])])
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
     payload = dict(device=_device_label(device), cpu=_cpu_label(), backbone=args.backbone,
                    image_size=args.image_size, **_provenance())
-    print(f"# data pipeline on {_cpu_label()} per process")
-    with tempfile.TemporaryDirectory(prefix="smat-perf-") as tmp:
-        payload["data"] = measure_data(data_args, tmp)
-    print(data_table(payload["data"]))
-    torch.set_num_threads(threads)
-    _write_json(args.json, payload)  # after each stage, so a run stopped later keeps what it measured
-    print(f"\n# Table 5 on {_device_label(device)}: {args.backbone} (random weights), {adapter_args.ways}-way, "
+    print(f"# Table 5 on {_device_label(device)}: {args.backbone} (random weights), {adapter_args.ways}-way, "
           f"{adapter_args.support} support + {adapter_args.query} query at {args.image_size} px")
     forward = payload["forward"] = measure_forward(adapter_args, device)
     print_forward(forward)
@@ -474,6 +470,14 @@ def run_all(args, parser):
     step = measure_step(step_args, device)
     payload["step"] = dict(tasks=step_args.tasks, support=step_args.support, query=step_args.query, **step)
     print_step(step, device)
+    _write_json(args.json, payload)
+    print(f"\n# data pipeline on {_cpu_label()} per process")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    with tempfile.TemporaryDirectory(prefix="smat-perf-") as tmp:
+        payload["data"] = measure_data(data_args, tmp)
+    torch.set_num_threads(threads)
+    print(data_table(payload["data"]))
     _write_json(args.json, payload)
     exit_if_failed({"forward": forward}, adapters, step["steps"])
 

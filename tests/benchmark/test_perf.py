@@ -95,3 +95,32 @@ def test_data_times_records_and_the_decoded_cache(tmp_path):
     assert [r["path"] for r in rows] == ["cache build (every source)", "records", "decoded cache"]
     for row in rows[1:]:
         assert row["episodes"] == 2 and row["images"] > 0 and row["episodes_per_s"] > 0
+
+
+def test_all_measures_the_gpu_figures_first_and_writes_the_json_after_each_stage(tmp_path, monkeypatch):
+    """`all` orchestrates the stages measured above (stand-ins here): GPU figures before the data
+    pipeline, the JSON rewritten after each stage, ``--profile`` passed to the step."""
+    out, stages = tmp_path / "perf.json", []
+    figures = {
+        "adapters": {"protonet": dict(seconds=0.1, peak_memory_mib=None, paper_seconds=0.2, paper_memory_mib=4332,
+                                      target_seconds=0.02, target_memory_mib=None)},
+        "step": {"steps": {"pmf": dict(seconds=1.0, peak_memory_mib=None), "smat": dict(seconds=2.0, peak_memory_mib=None)},
+                 "ratio": 2.0},
+        "data": [dict(input="md", path="records", workers=0, seconds=1.0, episodes_per_s=2.0, images_per_s=9.0)],
+    }
+
+    def stand_in(stage):
+        def measure(args, *_):
+            written = json.loads(out.read_text()) if out.exists() else {}
+            stages.append((stage, args, sorted(set(written) & set(figures))))
+            return figures[stage]
+        return measure
+
+    for stage in figures:
+        monkeypatch.setattr(perf, f"measure_{stage}", stand_in(stage))
+    perf.main(["all", "--backbone", MINI_BACKBONE, "--image-size", "32", "--repeats", "1", "--device", "cpu",
+               "--profile", str(tmp_path / "profiles"), "--json", str(out)])
+    assert [(stage, written) for stage, _, written in stages] == [
+        ("adapters", []), ("step", ["adapters"]), ("data", ["adapters", "step"])]
+    assert stages[1][1].profile == str(tmp_path / "profiles")
+    assert set(figures) <= set(json.loads(out.read_text()))
