@@ -129,5 +129,9 @@ def load_parameters(module, params):
 
 
 def compiles(compile_backbone, device):
-    """Whether a ``compile_backbone`` switch compiles on ``device``: None means on CUDA only."""
-    return torch.device(device).type == "cuda" if compile_backbone is None else bool(compile_backbone)
+    """Whether a ``compile_backbone`` switch compiles on ``device``. None means on CUDA GPUs that
+    `torch.compile`'s Triton kernels support (compute capability 7.0, V100, and newer) and nowhere else."""
+    if compile_backbone is not None:
+        return bool(compile_backbone)
+    device = torch.device(device)
+    return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (7, 0)

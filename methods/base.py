@@ -68,10 +68,10 @@ def forward_features(backbone, params, x):
 def inference_features(backbone, params, x, compile_backbone=None):
     """`forward_features` without gradient, under `autocast`: the forward pass of prediction and routing.
 
-    ``compile_backbone`` (None: on CUDA only) loads ``params`` into a working copy of ``backbone``
-    (`methods.backbones.working_copy`, one foreach copy; in ``backbone``'s train/eval mode) and runs it
-    through `torch.compile`, which fuses the pass's elementwise kernels; otherwise ``backbone`` is
-    called functionally with ``params``.
+    ``compile_backbone`` (None: on CUDA, `methods.backbones.compiles`) loads ``params`` into a working
+    copy of ``backbone`` (`methods.backbones.working_copy`, one foreach copy; in ``backbone``'s
+    train/eval mode) and runs it through `torch.compile`, which fuses the pass's elementwise kernels;
+    otherwise ``backbone`` is called functionally with ``params``.
     """
     with torch.no_grad(), autocast(x.device):
         if not compiles(compile_backbone, x.device):

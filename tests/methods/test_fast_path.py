@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from methods import MINI_BACKBONE, Task, create_backbone, create_method
 from methods.adapters import _support_loss, get_adapter, seeded_generator, split_qkv
-from methods.backbones import _DERIVED
+from methods.backbones import _DERIVED, compiles
 from methods.base import autocast, cosine_logits, forward_features, inference_features, prototypes
 from methods.experts import BETA, GAMMA, ZETA
 from methods.smat import distillation_loss
@@ -296,6 +296,14 @@ def test_compiled_full_fine_tuning_equals_the_eager_one():
     compiled = full(method, task, 1e-3, seeded_generator("c"), steps=3, compile_backbone=True)
     assert ("working copy", "full", str(DEVICE)) in _DERIVED[method.backbone]  # the compiled path was taken
     assert_same_predictions(compiled, eager)
+
+
+@pytest.mark.parametrize("choice, device, capability, expected", [
+    (None, "cpu", None, False), (None, "cuda", (8, 0), True), (None, "cuda", (7, 0), True),
+    (None, "cuda", (6, 0), False), (True, "cpu", None, True), (False, "cuda", (9, 0), False)])
+def test_compile_switches_default_to_the_cuda_gpus_triton_supports(choice, device, capability, expected, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    assert compiles(choice, device) is expected
 
 
 def test_compiled_inference_equals_the_plain_forward():
