@@ -185,10 +185,10 @@ class DecodedSource:
         Raises:
             DataError: the class file is missing, incomplete, or not a uint8 C-order array of the spec's shape.
         """
-        self._pixel_offset(class_id)
+        self._checked_offset(class_id)
         return self.spec.get_total_images_per_class(class_id)
 
-    def _pixel_offset(self, class_id):
+    def _checked_offset(self, class_id):
         """Where the pixels of class ``class_id`` start in its file; the file is checked on first use."""
         if class_id not in self._offsets:
             path, shape = self.class_path(class_id), _shape(self.spec.get_total_images_per_class(class_id),
@@ -204,7 +204,7 @@ class DecodedSource:
         """Read the cached pixels of records ``indices`` of class ``class_id`` into ``out`` (a contiguous
         uint8 ``N×3×s×s`` CPU tensor, e.g. a slice of an episode's batch): one positioned read per image,
         so an episode is assembled without an intermediate copy. Returns ``out``."""
-        start, size = self._pixel_offset(class_id), math.prod(out.shape[1:])
+        start, size = self._checked_offset(class_id), math.prod(out.shape[1:])
         path = self.class_path(class_id)
         rows = out.numpy().reshape(len(out), size)
         fd = os.open(path, os.O_RDONLY)

@@ -187,15 +187,19 @@ class SourceRecords:
         (PIL output is integer), else float32."""
         return torch.uint8 if self.decoded is not None or self.preprocess.resize == "center_crop" else torch.float32
 
-    def stored_pixels(self, class_id, indices):
-        """The pixels of records ``indices`` of class ``class_id`` as episodes carry them (`stored_dtype`).
+    def stored_pixels(self, class_id, indices, out=None):
+        """The pixels of records ``indices`` of class ``class_id`` as episodes carry them (`stored_dtype`),
+        written into ``out`` (a contiguous ``N×3×s×s`` tensor of that dtype) when given.
 
         From the decoded cache when there is one (equal to `pixels` under ``center_crop``, `pixels`
-        rounded to the nearest grey level under ``squash``), else `pixels`.
+        rounded to the nearest grey level under ``squash``), read straight into ``out``; else `pixels`.
         """
+        if out is None:
+            size = self.preprocess.image_size
+            out = torch.empty(len(indices), 3, size, size, dtype=self.stored_dtype)
         if self.decoded is not None:
-            return self.decoded.pixels(class_id, indices)
-        return self.pixels(class_id, indices).to(self.stored_dtype)
+            return self.decoded.read(class_id, indices, out)
+        return out.copy_(self.pixels(class_id, indices))
 
     def images(self, class_id, indices):
         """Records ``indices`` of absolute class ``class_id``, preprocessed (float32 ``N×3×s×s``)."""
@@ -217,17 +221,13 @@ class SourceRecords:
     def _gather(self, parts):
         """(pixels, labels, records) of one set, ``parts`` = [(class id, record indices)] for labels 0, 1, ...
 
-        The pixels go straight into the set's batch tensor: the decoded cache reads into its slices,
-        decoded records are copied there once.
+        The pixels go straight into the set's batch tensor, one slice per class (`stored_pixels`).
         """
         sizes = [len(indices) for _, indices in parts]
         pixels = torch.empty(sum(sizes), 3, self.preprocess.image_size, self.preprocess.image_size,
                              dtype=self.stored_dtype)
         for (class_id, indices), out in zip(parts, pixels.split(sizes), strict=True):
-            if self.decoded is not None:
-                self.decoded.read(class_id, indices, out)
-            else:
-                out.copy_(self.stored_pixels(class_id, indices))
+            self.stored_pixels(class_id, indices, out)
         labels = torch.repeat_interleave(torch.arange(len(parts)), torch.tensor(sizes, dtype=torch.int64))
         records = np.concatenate([np.stack([np.full(len(indices), class_id), indices], axis=1)
                                   for class_id, indices in parts]).astype(np.int64)
