@@ -33,7 +33,7 @@ import torch
 import torch.nn as nn
 
 __all__ = ["ParameterLayout", "HardConcreteMasks", "ExpertDeltas", "StepExperts", "expert_parameter_names",
-           "hard_concrete", "interpolate", "gated_update"]
+           "expert_matrix", "hard_concrete", "interpolate", "gated_update"]
 
 GAMMA, ZETA, BETA = -0.1, 1.1, 2.0 / 3.0
 
@@ -77,6 +77,19 @@ def hard_concrete(log_alpha, training):
     return (s * (ZETA - GAMMA) + GAMMA).clamp(0.0, 1.0)
 
 
+def expert_matrix(delta, gates=None):
+    """E (``N × M``), what multiplies α in the merge: Z for a shared ``N`` δ, δ ⊙ Z for an ``N × M`` one
+    (δ itself without gates); None for a shared δ without gates, whose update is δ · Σ_m α_m."""
+    if delta.dim() == 1:
+        return gates
+    return delta * gates if gates is not None else delta
+
+
+def _update(delta, mixed):
+    """θ_i − θ_pre from the mixture E α (``N``): scaled by a shared δ, as is for one δ per expert."""
+    return delta * mixed if delta.dim() == 1 else mixed
+
+
 def interpolate(delta, alpha, gates=None):
     """The flat update θ_i − θ_pre: δ ⊙ (Z α) for a shared ``N`` δ, (δ ⊙ Z) α for an ``N × M`` one (Z ≡ 1 without gates).
 
@@ -84,9 +97,8 @@ def interpolate(delta, alpha, gates=None):
     """
     with torch.autocast(delta.device.type, enabled=False):
         alpha = alpha.float()
-        if delta.dim() == 1:
-            return delta * (torch.mv(gates, alpha) if gates is not None else alpha.sum())
-        return torch.mv(delta * gates if gates is not None else delta, alpha)
+        matrix = expert_matrix(delta, gates)
+        return _update(delta, torch.mv(matrix, alpha) if matrix is not None else alpha.sum())
 
 
 def gated_update(delta, log_alpha, alpha, training):
@@ -113,8 +125,7 @@ class _DeferredProduct(torch.autograd.Function):
 class StepExperts:
     """The expert matrix E of one meta-training step, shared by the step's tasks, its gradient deferred.
 
-    E (N × M) is what multiplies α in the merge: the gates Z for a shared δ (update δ ⊙ E α), δ ⊙ Z
-    for one δ per expert, or δ itself without gates (update E α). It is built once per step, with one
+    E (N × M, `expert_matrix`) is what multiplies α in the merge. It is built once per step, with one
     hard-concrete noise draw for all the step's tasks. Task i multiplies a constant copy of E by α_i:
     its backward gives α_i the gradient Eᵀ g_i at once and keeps g_i = ∂L/∂(E α_i). `backward` then sends
 
@@ -129,19 +140,18 @@ class StepExperts:
     """
 
     def __init__(self, delta, gates=None):
-        if delta.dim() == 1 and gates is None:
-            raise ValueError("StepExperts needs gates for a shared δ (its update δ · Σα has no expert matrix)")
         self.delta = delta
         with torch.autocast(delta.device.type, enabled=False):
-            self.matrix = gates if delta.dim() == 1 else (delta * gates if gates is not None else delta)
+            self.matrix = expert_matrix(delta, gates)
+        if self.matrix is None:
+            raise ValueError("StepExperts needs gates for a shared δ (its update δ · Σα has no expert matrix)")
         self._constant = self.matrix.detach()
         self._pending = []
 
     def update(self, alpha):
         """The flat update θ_i − θ_pre of merging weights ``alpha`` (as `interpolate`), in fp32."""
         with torch.autocast(self.delta.device.type, enabled=False):
-            mixed = _DeferredProduct.apply(alpha.float(), self._constant, self._pending)
-            return self.delta * mixed if self.delta.dim() == 1 else mixed
+            return _update(self.delta, _DeferredProduct.apply(alpha.float(), self._constant, self._pending))
 
     def alpha_sum(self):
         """Σ_i α_i over the tasks whose backward has run (detached)."""
