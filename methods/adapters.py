@@ -7,7 +7,8 @@ method's task model for that task, so nothing carries over between episodes:
 * ``full`` (paper Alg. 3, the PMF protocol, ``baselines.md`` §1.5): Adam (betas 0.9/0.999, no weight
   decay) on every backbone tensor of θ_i for ``steps`` steps. Each step: prototypes of the clean
   support (with gradient), logits of the augmented support against them, cross-entropy. The clean
-  and augmented supports go through the network in one batch. lr 0 is ``protonet``.
+  and augmented supports go through the network in one batch (the clean one alone in a step that
+  does not augment: it is then both). lr 0 is ``protonet``.
   θ_i is copied into one working copy of the backbone made once (optionally with gradient
   checkpointing of its blocks, ``full.grad_checkpointing``, and compiled, ``full.compile_backbone``).
 * ``lora``: LoRA (rank 8, alpha 32, dropout 0.1 — inactive, the backbone runs in eval mode) on the
@@ -49,19 +50,32 @@ __all__ = ["ADAPTERS", "get_adapter", "augment_support", "translate", "split_qkv
 
 
 def augment_support(x, generator, probability=0.9):
-    """PMF's DiffAugment (colour + translation, batch flip) of a ``N×3×H×W`` batch; see the module docstring."""
+    """PMF's DiffAugment (colour + translation, batch flip) of a ``N×3×H×W`` batch; see the module docstring.
+
+    Returns ``x`` itself when the step's coin says no augmentation. The random numbers are drawn on the
+    CPU from ``generator`` (coin, flip, then per image brightness, saturation, contrast, dy, dx) and reach
+    ``x``'s device in non-blocking copies, so a fine-tuning step never waits for the GPU.
+    """
     if torch.rand((), generator=generator) >= probability:
         return x
-    n = x.shape[0]
-    draw = lambda *shape: torch.rand(*shape, generator=generator).to(x.device, x.dtype)  # noqa: E731
-    if draw(()) < 0.5:
+    if torch.rand((), generator=generator) < 0.5:
         x = x.flip(-1)
-    x = x + (draw(n, 1, 1, 1) - 0.5)
+    brightness, saturation, contrast = _on_device(torch.rand(3, x.shape[0], 1, 1, 1, generator=generator), x)
+    x = x + (brightness - 0.5)
     mean = x.mean(1, keepdim=True)
-    x = (x - mean) * (draw(n, 1, 1, 1) * 2) + mean
+    x = (x - mean) * (saturation * 2) + mean
     mean = x.mean((1, 2, 3), keepdim=True)
-    x = (x - mean) * (draw(n, 1, 1, 1) + 0.5) + mean
+    x = (x - mean) * (contrast + 0.5) + mean
     return translate(x, generator)
+
+
+def _on_device(t, like):
+    """CPU tensor ``t`` on ``like``'s device (in ``like``'s dtype when floating), copied without blocking the host."""
+    if t.is_floating_point():
+        t = t.to(like.dtype)
+    if like.device.type != "cuda":
+        return t.to(like.device)
+    return t.pin_memory().to(like.device, non_blocking=True)
 
 
 def translate(x, generator, fraction=0.125):
@@ -71,8 +85,9 @@ def translate(x, generator, fraction=0.125):
     """
     n, _, h, w = x.shape
     shift_h, shift_w = int(h * fraction + 0.5), int(w * fraction + 0.5)
-    dy = torch.randint(-shift_h, shift_h + 1, (n,), generator=generator).to(x.device)
-    dx = torch.randint(-shift_w, shift_w + 1, (n,), generator=generator).to(x.device)
+    dy = torch.randint(-shift_h, shift_h + 1, (n,), generator=generator)
+    dx = torch.randint(-shift_w, shift_w + 1, (n,), generator=generator)
+    dy, dx = _on_device(torch.stack([dy, dx]), x)
     padded = F.pad(x, (shift_w, shift_w, shift_h, shift_h))
     rows = (torch.arange(h, device=x.device) + shift_h - dy[:, None])[:, None, :, None]  # n × 1 × h × 1
     cols = (torch.arange(w, device=x.device) + shift_w - dx[:, None])[:, None, None, :]  # n × 1 × 1 × w
@@ -95,9 +110,14 @@ def _finetune(parameters, loss_of, lr, steps):
 def _support_loss(features_of, task, generator, scale, bias):
     """Loss of one fine-tuning step: augmented support against prototypes of the clean support."""
     n = len(task.support_x)
-    features = features_of(torch.cat([task.support_x, augment_support(task.support_x, generator)]))
-    head = prototypes(features[:n], task.support_y, task.ways)
-    return F.cross_entropy(cosine_logits(features[n:], head, scale, bias), task.support_y)
+    augmented = augment_support(task.support_x, generator)
+    if augmented is task.support_x:  # not augmented: one pass gives both prototypes and pseudo-queries
+        support = pseudo_query = features_of(task.support_x)
+    else:
+        features = features_of(torch.cat([task.support_x, augmented]))
+        support, pseudo_query = features[:n], features[n:]
+    head = prototypes(support, task.support_y, task.ways)
+    return F.cross_entropy(cosine_logits(pseudo_query, head, scale, bias), task.support_y)
 
 
 def _predict(features_of, task, scale, bias):

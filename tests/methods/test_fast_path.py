@@ -269,6 +269,81 @@ def test_batched_translation_equals_the_per_image_loop():
     assert torch.equal(fast, plain)
 
 
+def reference_augment(x, generator, shift=2):
+    """PMF's DiffAugment image by image from the same draws (coin, flip, brightness, saturation, contrast, dy, dx)."""
+    if torch.rand((), generator=generator) >= 0.9:
+        return x
+    flip = bool(torch.rand((), generator=generator) < 0.5)
+    brightness, saturation, contrast = (torch.rand(len(x), generator=generator).tolist() for _ in range(3))
+    dy, dx = (torch.randint(-shift, shift + 1, (len(x),), generator=generator).tolist() for _ in range(2))
+    out = torch.zeros_like(x)
+    h, w = x.shape[-2:]
+    for i, image in enumerate(x):
+        image = image.flip(-1) if flip else image
+        image = image + (brightness[i] - 0.5)
+        mean = image.mean(0, keepdim=True)
+        image = (image - mean) * (2 * saturation[i]) + mean
+        image = (image - image.mean()) * (contrast[i] + 0.5) + image.mean()
+        rows, cols = slice(max(dy[i], 0), h + min(dy[i], 0)), slice(max(dx[i], 0), w + min(dx[i], 0))
+        out[i, :, rows, cols] = image[:, max(-dy[i], 0):h - max(dy[i], 0), max(-dx[i], 0):w - max(dx[i], 0)]
+    return out
+
+
+def test_batched_augmentation_equals_pmfs_diffaugment_image_by_image():
+    from methods.adapters import augment_support
+
+    x = torch.randn(6, 3, 16, 16, device=DEVICE)
+    outcomes = set()
+    for seed in range(40):
+        fast = augment_support(x, torch.Generator().manual_seed(seed))
+        plain = reference_augment(x, torch.Generator().manual_seed(seed))
+        outcomes.add(fast is x)
+        assert (fast is x) == (plain is x)
+        torch.testing.assert_close(fast, plain, rtol=1e-5, atol=1e-5)
+    assert outcomes == {True, False}  # both a step without and steps with augmentation were checked
+
+
+def test_a_step_without_augmentation_passes_the_support_once_with_the_two_pass_loss():
+    torch.manual_seed(0)
+    backbone = create_backbone(MINI_BACKBONE, pretrained=False).to(DEVICE)
+    task = random_task(seed=4)
+    seed = next(s for s in range(100) if torch.rand((), generator=torch.Generator().manual_seed(s)) >= 0.9)
+    batches = []
+
+    def features_of(x):
+        batches.append(len(x))
+        return backbone(x).float()
+
+    once = _support_loss(features_of, task, torch.Generator().manual_seed(seed), 10.0, 0.0)
+    assert batches == [len(task.support_x)]
+    features = features_of(torch.cat([task.support_x, task.support_x]))
+    n = len(task.support_x)
+    twice = F.cross_entropy(cosine_logits(features[n:], prototypes(features[:n], task.support_y, task.ways)), task.support_y)
+    leaves = list(backbone.parameters())
+    torch.testing.assert_close(once, twice)
+    for g_once, g_twice in zip(torch.autograd.grad(once, leaves), torch.autograd.grad(twice, leaves)):
+        torch.testing.assert_close(g_once, g_twice, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.skipif(DEVICE.type != "cuda", reason="host-device synchronisation exists only with a CUDA device")
+def test_a_fine_tuning_step_never_waits_for_the_gpu():
+    torch.manual_seed(0)
+    backbone = create_backbone(MINI_BACKBONE, pretrained=False).to(DEVICE)
+    task = random_task(seed=5)
+
+    def features_of(x):
+        with autocast(DEVICE):
+            return backbone(x).float()
+
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for seed in range(12):  # steps with and without augmentation
+            _support_loss(features_of, task, torch.Generator().manual_seed(seed), 10.0, 0.0).backward()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
 def test_full_fine_tuning_carries_nothing_between_tasks_and_checkpointing_changes_no_prediction():
     from methods.adapters import full
 
