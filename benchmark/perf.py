@@ -4,6 +4,9 @@
 * ``adapters``: seconds and peak GPU memory per task of the meta-test adapters on one synthetic
   real-size episode, as Table 5: the paper's figure beside, their ratio, and the targets;
 * ``step``: a SMAT meta-training step against a PMF step on the same tasks;
+* ``activations``: MiB of activations full fine-tuning's forward pass keeps for its backward, per image,
+  under each memory setting (compiled or not, activation memory budgets, gradient checkpointing) and
+  bf16 autocast — the GPU's memory figure that any machine can measure;
 * ``all``: the three in one run and one JSON file (GPU figures first) — the prepared script for a GPU machine.
 
 ``data`` reports episodes/s and images/s for assembling whole episodes (description, record reads, JPEG
@@ -25,6 +28,7 @@ Each prints a table and, with ``--json FILE``, writes the figures with the devic
 Example:
     python -m benchmark.perf data --workers 0 2 --episodes 20
     python -m benchmark.perf adapters --json adapters.json     # on a GPU: the Table 5 figures
+    python -m benchmark.perf activations --images 16            # any machine: memory kept per image
     python -m benchmark.perf all --json perf.json
 """
 
@@ -268,9 +272,10 @@ def failures(figures):
 ADAPTER_VARIANTS = {  # label: (adapter, gin bindings): the default adapters with other settings, timed beside them
     "protonet_eager": ("protonet", {"inference.compile_backbone": False}),
     "gradient_free_eager": ("gradient_free", {"inference.compile_backbone": False}),
-    "full_eager": ("full", {"full.compile_backbone": False}),
+    "full_activation_budget_90": ("full", {"full.activation_memory_budget": 0.9}),
+    "full_activation_budget_50": ("full", {"full.activation_memory_budget": 0.5}),
     "full_grad_checkpointing": ("full", {"full.grad_checkpointing": True}),
-    "full_eager_grad_checkpointing": ("full", {"full.compile_backbone": False, "full.grad_checkpointing": True}),
+    "full_eager": ("full", {"full.compile_backbone": False}),
 }
 STEP_VARIANTS = {  # label: (method, gin bindings), timed beside the PMF and SMAT steps
     "smat_eager_inference": ("smat", {"inference.compile_backbone": False}),
@@ -299,7 +304,8 @@ def _bound(label, bindings):
 
 def measure_adapters(args, device):
     """{label: figures} of protonet, gradient_free (≈50 evaluations) and full (50 steps) on one episode,
-    each also with the settings of its `ADAPTER_VARIANTS` (`torch.compile` off, gradient checkpointing)."""
+    each also with the settings of its `ADAPTER_VARIANTS` (activation memory budgets of 90 % and 50 %,
+    gradient checkpointing, `torch.compile` off)."""
     import torch
 
     from methods import create_backbone, create_method
@@ -372,6 +378,72 @@ def measure_step(args, device):
     return dict(steps=figures, ratio=smat / pmf if pmf and smat else None)
 
 
+ACTIVATION_SETTINGS = {  # label: (compiled, grad checkpointing, activation memory budget) of full's working copy
+    "eager": (False, False, None),
+    "compiled": (True, False, None),
+    "compiled, budget 0.9": (True, False, 0.9),
+    "compiled, budget 0.5": (True, False, 0.5),
+    "compiled, grad checkpointing": (True, True, None),
+}
+
+
+def kept_activations_mib(forward, module, x):
+    """MiB of the tensors other than ``module``'s parameters that ``forward(x)`` keeps for its backward
+    pass (each storage once), under bf16 autocast as on a GPU (also on a CPU, where training runs fp32)."""
+    import torch
+
+    parameters = {p.untyped_storage().data_ptr() for p in module.parameters()}
+    kept = {}
+
+    def pack(t):
+        if t.untyped_storage().data_ptr() not in parameters:
+            kept[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), torch.autocast(x.device.type, torch.bfloat16):
+        forward(x)
+    return sum(kept.values()) / 2**20
+
+
+def measure_activations(args, device):
+    """{label: figures} of the activations kept by one forward pass of full fine-tuning's working copy
+    (`methods.backbones.working_copy`) under each of `ACTIVATION_SETTINGS`.
+
+    Kept memory is affine in the batch size b: kept(b) = fixed + b · per_image, where ``fixed`` holds
+    batch-independent tensors (autocast's bf16 weight copies); per_image = (kept(2n) − kept(n)) / n
+    for n = ``--images``, and ``step_mib`` = fixed + 2 · support · per_image, the clean and the
+    augmented support of one fine-tuning step.
+    """
+    import torch
+
+    from methods import create_backbone
+    from methods.backbones import working_copy
+
+    torch.manual_seed(0)
+    backbone = create_backbone(args.backbone, pretrained=False)
+    g = torch.Generator().manual_seed(0)
+    images = {n: torch.randn(n, 3, args.image_size, args.image_size, generator=g).to(device)
+              for n in (args.images, 2 * args.images)}
+    figures = {}
+    for label, (compiled, checkpointing, budget) in tqdm(ACTIVATION_SETTINGS.items(), desc="activations",
+                                                         file=sys.stderr, leave=False, disable=None):
+        work, compiled_forward = working_copy(backbone, "full", device, budget)
+        work.eval().requires_grad_(True).set_grad_checkpointing(checkpointing)
+        once, twice = (kept_activations_mib(compiled_forward if compiled else work, work, x) for x in images.values())
+        per_image = (twice - once) / args.images
+        fixed = once - args.images * per_image
+        figures[label] = dict(mib_per_image=per_image, fixed_mib=fixed, step_mib=fixed + 2 * args.support * per_image)
+    return figures
+
+
+def activations_table(figures, support):
+    from tabulate import tabulate
+
+    rows = [[label, f"{f['mib_per_image']:.2f}", f"{f['fixed_mib']:.0f}", f"{f['step_mib']:,.0f}"] for label, f in figures.items()]
+    return tabulate(rows, ["full fine-tuning", "MiB kept per image", "fixed MiB", f"MiB kept by a step ({2 * support} images)"],
+                    tablefmt="github", disable_numparse=True)
+
+
 def _profile(fn, device, path):
     """Profile one ``fn()``: its operators by device time (CPU time off CUDA) go to ``path``; returns the
     number of CUDA kernels it launched (None off CUDA)."""
@@ -441,6 +513,18 @@ def run_step(args):
     exit_if_failed(step["steps"])
 
 
+def run_activations(args):
+    """Activations kept for the backward pass by full fine-tuning's forward, per memory setting."""
+    device = _device(args)
+    print(f"# activations kept by full fine-tuning on {_device_label(device)}: {args.backbone} (random weights) "
+          f"at {args.image_size} px")
+    figures = measure_activations(args, device)
+    print(activations_table(figures, args.support))
+    _write_json(args.json, dict(device=_device_label(device), backbone=args.backbone, image_size=args.image_size,
+                                support=args.support, images=args.images, what="activations", settings=figures,
+                                **_provenance()))
+
+
 def run_all(args, parser):
     """Every figure in one run (the prepared script for a GPU machine): adapters (Table 5), step, data.
 
@@ -482,13 +566,18 @@ def run_all(args, parser):
     exit_if_failed({"forward": forward}, adapters, step["steps"])
 
 
-def _compute_flags(parser, support=None, query=None):
-    """The model and device flags; with ``support`` and ``query``, also the synthetic episode's size."""
+def _model_flags(parser):
+    """The model, device and output flags."""
     parser.add_argument("--backbone", default="vit_small_patch16_224", help="timm model (random weights)")
     parser.add_argument("--image-size", type=int, default=128)
-    parser.add_argument("--repeats", type=int, default=3, help="timed calls after one warm-up (median reported)")
     parser.add_argument("--device", default="auto", help="auto (CUDA when available), cpu or cuda[:N]")
     parser.add_argument("--json", help="also write the figures to this JSON file")
+
+
+def _compute_flags(parser, support=None, query=None):
+    """The model, device and timing flags; with ``support`` and ``query``, also the synthetic episode's size."""
+    _model_flags(parser)
+    parser.add_argument("--repeats", type=int, default=3, help="timed calls after one warm-up (median reported)")
     if support is not None:
         parser.add_argument("--ways", type=int, default=20)
         parser.add_argument("--support", type=int, default=support)
@@ -513,6 +602,10 @@ def main(argv=None):
     _compute_flags(step, support=100, query=100)
     step.add_argument("--tasks", type=int, default=4)
     step.add_argument("--profile", metavar="DIR", help="also profile one step of each, into DIR/step_<label>.txt")
+    activations = commands.add_parser("activations", help="activations full fine-tuning keeps per image, per memory setting")
+    _model_flags(activations)
+    activations.add_argument("--support", type=int, default=400, help="support images of the projected step")
+    activations.add_argument("--images", type=int, default=16, help="batch n; kept memory is measured at n and 2n")
     every = commands.add_parser("all", help="data, adapters and step in one run, one JSON file")
     _compute_flags(every)
     every.add_argument("--workers", nargs="+", type=int, default=[0, 2], help="DataLoader worker counts to time")
@@ -523,7 +616,8 @@ def main(argv=None):
         if args.command == "all":
             run_all(args, parser)
         else:
-            {"data": run_data, "adapters": run_adapters, "step": run_step}[args.command](args)
+            {"data": run_data, "adapters": run_adapters, "step": run_step,
+             "activations": run_activations}[args.command](args)
 
 
 if __name__ == "__main__":

@@ -133,7 +133,8 @@ def protonet(method, task, lr, generator):
 
 
 @gin.configurable("full", module="methods")
-def full(method, task, lr, generator, steps=50, grad_checkpointing=False, compile_backbone=None):
+def full(method, task, lr, generator, steps=50, grad_checkpointing=False, compile_backbone=None,
+         activation_memory_budget=None):
     """Fine-tune every tensor of θ_i for ``steps`` Adam steps on the (augmented) support set.
 
     θ_i is copied into one working copy of the backbone, made once and reused by every task (no model
@@ -142,13 +143,15 @@ def full(method, task, lr, generator, steps=50, grad_checkpointing=False, compil
     ``compile_backbone`` runs the working copy's compiled forward (`methods.backbones.working_copy`),
     fusing the forward and backward; None (default) compiles on CUDA (`methods.backbones.compiles`),
     where it made 50 steps 1.4× faster on an H100 (README, Performance; shapes then specialised to the
-    episode), and not elsewhere.
+    episode), and not elsewhere. ``activation_memory_budget`` (compiled forward only; None keeps
+    torch's) lets the compiled backward recompute the cheapest activations instead of keeping them,
+    a finer trade than checkpointing whole blocks (`methods.backbones.working_copy`).
     """
     model = method.task_model(task.support_x, task.support_y, task.ways)
     if lr == 0 or steps == 0:
         return model.predict(task.query_x)
     device = task.support_x.device
-    work, compiled = working_copy(method.backbone, "full", device)
+    work, compiled = working_copy(method.backbone, "full", device, activation_memory_budget)
     params = load_parameters(work, model.params)
     work.eval().requires_grad_(True).set_grad_checkpointing(grad_checkpointing)
     forward = compiled if compiles(compile_backbone, device) else work

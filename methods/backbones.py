@@ -16,6 +16,7 @@ for the embedded mini benchmark and the tests; it is timm's ``VisionTransformer`
 """
 
 import copy
+import functools
 import os
 import weakref
 
@@ -95,9 +96,25 @@ def derived(backbone, key, build):
 COMPILED_VARIANTS = 64  # graphs one compiled forward may hold (dynamo's default of 8 is shared by every ViT copy)
 
 
-def working_copy(backbone, purpose, device):
+@functools.cache
+def _inductor_backend(activation_memory_budget):
+    """torch.compile's inductor backend, its forward/backward partition held to ``activation_memory_budget``
+    (None: plain ``"inductor"``). Dynamo compiles a module's graphs once per code object and backend, not
+    per functorch setting or module instance, so each budget needs a backend of its own."""
+    if activation_memory_budget is None:
+        return "inductor"
+    inductor = torch._dynamo.lookup_backend("inductor")
+
+    def inductor_within_budget(graph, example_inputs):
+        with torch._functorch.config.patch(activation_memory_budget=activation_memory_budget):
+            return inductor(graph, example_inputs)
+
+    return inductor_within_budget
+
+
+def working_copy(backbone, purpose, device, activation_memory_budget=None):
     """(copy, compiled forward): a deep copy of ``backbone`` on ``device`` and its forward compiled by
-    `torch.compile`, made once per (backbone, ``purpose``, device) and reused by every task.
+    `torch.compile`, made once per (backbone, ``purpose``, device, budget) and reused by every task.
 
     A task's θ is loaded into the copy's own parameters (`load_parameters`), so no model is created per
     task. The compiled forward treats batch sizes as dynamic and reads the copy's parameters at every
@@ -105,10 +122,15 @@ def working_copy(backbone, purpose, device):
     mode and patch grid it meets. Dynamo counts those graphs per code object, and every
     copy of a ViT shares ``VisionTransformer.forward``, so the limit is raised to `COMPILED_VARIANTS`
     for these calls: past dynamo's default of 8 it would silently run further variants eagerly.
+
+    ``activation_memory_budget`` (in (0, 1]; None keeps torch's setting) caps, as a share of what the
+    compiled forward would otherwise keep for the backward pass, the activations it keeps: the
+    partitioner (``torch._functorch.config.activation_memory_budget``) recomputes the cheapest of the
+    others in the backward pass. Gradients are unchanged; only memory and time move.
     """
     def build(model):
         model = copy.deepcopy(model).to(device)
-        compiled = torch.compile(model, dynamic=True)
+        compiled = torch.compile(model, dynamic=True, backend=_inductor_backend(activation_memory_budget))
 
         def forward(x):
             with torch._dynamo.config.patch(cache_size_limit=COMPILED_VARIANTS):
@@ -116,7 +138,7 @@ def working_copy(backbone, purpose, device):
 
         return model, forward
 
-    return derived(backbone, ("working copy", purpose, str(device)), build)
+    return derived(backbone, ("working copy", purpose, str(device), activation_memory_budget), build)
 
 
 def load_parameters(module, params):

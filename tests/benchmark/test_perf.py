@@ -56,6 +56,19 @@ def test_a_variant_runs_with_its_bindings_and_the_default_without(monkeypatch):
     assert seen == {"default": 2, "bound": 2}  # a warm-up and one timed call each
 
 
+def test_activations_reports_each_memory_setting_and_budgets_keep_less(tmp_path, capsys):
+    out = tmp_path / "activations.json"
+    perf.main(["activations", "--backbone", MINI_BACKBONE, "--image-size", "32", "--device", "cpu",
+               "--images", "4", "--support", "6", "--json", str(out)])
+    settings = json.loads(out.read_text())["settings"]
+    assert set(settings) == set(perf.ACTIVATION_SETTINGS)
+    kept = {label: f["mib_per_image"] for label, f in settings.items()}
+    assert kept["compiled, budget 0.5"] < kept["compiled, budget 0.9"] < kept["compiled"]
+    assert kept["compiled, grad checkpointing"] < kept["compiled, budget 0.5"]
+    assert settings["eager"]["step_mib"] == pytest.approx(settings["eager"]["fixed_mib"] + 12 * kept["eager"])
+    assert "| compiled, budget 0.5 " in capsys.readouterr().out
+
+
 def test_step_reports_the_smat_to_pmf_ratio_and_profiles_each_step(tmp_path, capsys):
     out = tmp_path / "not_yet_made" / "step.json"  # --json makes its folder
     perf.main(["step", *TINY, "--support", "6", "--query", "3", "--tasks", "2", "--json", str(out),

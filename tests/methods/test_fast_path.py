@@ -16,6 +16,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from benchmark.perf import kept_activations_mib
 from methods import MINI_BACKBONE, Task, create_backbone, create_method
 from methods.adapters import _support_loss, get_adapter, seeded_generator, split_qkv
 from methods.backbones import _DERIVED, compiles
@@ -357,7 +358,7 @@ def test_full_fine_tuning_carries_nothing_between_tasks_and_checkpointing_change
     else:  # GPU attention backward kernels need not be bitwise deterministic
         assert_same_predictions(again, alone)
     checkpointed = full(method, second, 1e-3, seeded_generator("b"), steps=5, grad_checkpointing=True)
-    work, _ = _DERIVED[method.backbone][("working copy", "full", str(DEVICE))]
+    work, _ = _DERIVED[method.backbone][("working copy", "full", str(DEVICE), None)]
     assert work.grad_checkpointing  # the working copy did checkpoint
     assert_same_predictions(checkpointed, alone)
 
@@ -369,8 +370,25 @@ def test_compiled_full_fine_tuning_equals_the_eager_one():
     task = random_task(queries=FINETUNE_QUERIES, seed=8)
     eager = full(method, task, 1e-3, seeded_generator("c"), steps=3, compile_backbone=False)
     compiled = full(method, task, 1e-3, seeded_generator("c"), steps=3, compile_backbone=True)
-    assert ("working copy", "full", str(DEVICE)) in _DERIVED[method.backbone]  # the compiled path was taken
+    assert ("working copy", "full", str(DEVICE), None) in _DERIVED[method.backbone]  # the compiled path was taken
     assert_same_predictions(compiled, eager)
+
+
+def test_an_activation_memory_budget_keeps_fewer_activations_and_changes_no_prediction():
+    from methods.adapters import full
+
+    method = trained_like("smat")
+    task = random_task(queries=FINETUNE_QUERIES, seed=8)
+    unbounded = full(method, task, 1e-3, seeded_generator("c"), steps=3, compile_backbone=True)
+    budgeted = full(method, task, 1e-3, seeded_generator("c"), steps=3, compile_backbone=True,
+                    activation_memory_budget=0.5)
+    assert_same_predictions(budgeted, unbounded)
+    copies = _DERIVED[method.backbone]
+    kept = {}
+    for budget in (None, 0.5):
+        work, compiled = copies[("working copy", "full", str(DEVICE), budget)]
+        kept[budget] = kept_activations_mib(compiled, work, task.support_x)
+    assert kept[0.5] < 0.8 * kept[None], kept
 
 
 @pytest.mark.parametrize("choice, device, capability, expected", [
@@ -399,6 +417,6 @@ def test_compiled_inference_equals_the_plain_forward():
         gin.bind_parameter("inference.compile_backbone", compiled)
         predictions[compiled] = [get_adapter(name)(method, task, 0.0, seeded_generator("g"))
                                  for name in ("protonet", "gradient_free") for task in tasks]
-    assert ("working copy", "inference", str(DEVICE)) in _DERIVED[backbone]  # the compiled path was taken
+    assert ("working copy", "inference", str(DEVICE), None) in _DERIVED[backbone]  # the compiled path was taken
     for fast, plain in zip(predictions[True], predictions[False], strict=True):
         assert_same_predictions(fast, plain)
