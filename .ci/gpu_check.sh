@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The GPU check of issue 9, as one run: fast paths equal plain paths (predictions under bf16, gradients in fp32)
 # and a CUDA smoke run of every method (pinned episodes, bf16 autocast, all adapters), side by side; then, alone
-# on the GPU, every figure: Table 5 and the step first, the data pipeline last (about 7 minutes on an H100 before
-# the compiled inference forward, most of it the data stage and compiling). The stage limits (240 s, then 330 s)
+# on the GPU, every figure: Table 5's default adapters, the step, Table 5's other settings, the data pipeline last
+# (about 7 minutes on an H100 before the compiled inference forward, most of it the data stage and compiling). The stage limits (240 s, then 330 s)
 # keep the whole script under the device tool's 10 minutes per command.
 # Usage: bash .ci/gpu_check.sh OUT_DIR    (on a machine with one CUDA GPU; logs and perf.json land in OUT_DIR)
 # SMAT_BENCH_TEST_DEVICE=cpu runs the same steps on the CPU (a dry run of the script; slow for `perf all`).

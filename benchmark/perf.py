@@ -7,7 +7,8 @@
 * ``activations``: MiB of activations full fine-tuning's forward pass keeps for its backward, per image,
   under each memory setting (compiled or not, activation memory budgets, gradient checkpointing) and
   bf16 autocast — the GPU's memory figure that any machine can measure;
-* ``all``: the three in one run and one JSON file (GPU figures first) — the prepared script for a GPU machine.
+* ``all``: data, adapters and step in one run and one JSON file (the targets' figures first) — the
+  prepared script for a GPU machine.
 
 ``data`` reports episodes/s and images/s for assembling whole episodes (description, record reads, JPEG
 decode, resize) through the same `DataLoader` path that training and evaluation use (normalisation
@@ -302,10 +303,10 @@ def _bound(label, bindings):
     return gin.config_scope(label if bindings else None)
 
 
-def measure_adapters(args, device):
-    """{label: figures} of protonet, gradient_free (≈50 evaluations) and full (50 steps) on one episode,
-    each also with the settings of its `ADAPTER_VARIANTS` (activation memory budgets of 90 % and 50 %,
-    gradient checkpointing, `torch.compile` off)."""
+def measure_adapters(args, device, defaults=True, variants=True):
+    """{label: figures} of protonet, gradient_free (≈50 evaluations) and full (50 steps) on one episode
+    (``defaults``), and of each with the settings of its `ADAPTER_VARIANTS` (``variants``: activation
+    memory budgets of 90 % and 50 %, gradient checkpointing, `torch.compile` off)."""
     import torch
 
     from methods import create_backbone, create_method
@@ -315,8 +316,9 @@ def measure_adapters(args, device):
     smat = create_method("smat", backbone=create_backbone(args.backbone, pretrained=False)).to(device)
     task = _synthetic_task(args.ways, args.support, args.query, args.image_size, device)
     figures = {}
-    variants = _variants(args.adapters, ADAPTER_VARIANTS)
-    for label, (name, bindings) in tqdm(variants.items(), desc="adapters", file=sys.stderr, leave=False, disable=None):
+    chosen = {label: v for label, v in _variants(args.adapters, ADAPTER_VARIANTS).items()
+              if (defaults if label in args.adapters else variants)}
+    for label, (name, bindings) in tqdm(chosen.items(), desc="adapters", file=sys.stderr, leave=False, disable=None):
         adapter = get_adapter(name, smat)
 
         def adapt():
@@ -526,10 +528,11 @@ def run_activations(args):
 
 
 def run_all(args, parser):
-    """Every figure in one run (the prepared script for a GPU machine): adapters (Table 5), step, data.
+    """Every figure in one run (the prepared script for a GPU machine): Table 5's default adapters, the
+    step, Table 5's variants, the data pipeline.
 
-    The GPU figures come first, so a run stopped by a time limit loses the CPU-side data figures, which
-    any machine can measure, rather than the GPU ones; the JSON is rewritten after each stage.
+    The figures the issue's targets name come first and the CPU-side data figures, which any machine can
+    measure, last, so a run stopped by a time limit loses the least; the JSON is rewritten after each stage.
     """
     import torch
 
@@ -545,7 +548,7 @@ def run_all(args, parser):
           f"{adapter_args.support} support + {adapter_args.query} query at {args.image_size} px")
     forward = payload["forward"] = measure_forward(adapter_args, device)
     print_forward(forward)
-    adapters = measure_adapters(adapter_args, device)
+    adapters = measure_adapters(adapter_args, device, variants=False)
     payload["adapters"] = dict(ways=adapter_args.ways, support=adapter_args.support, query=adapter_args.query,
                                figures=adapters)
     print(table5(adapters))
@@ -554,6 +557,10 @@ def run_all(args, parser):
     step = measure_step(step_args, device)
     payload["step"] = dict(tasks=step_args.tasks, support=step_args.support, query=step_args.query, **step)
     print_step(step, device)
+    _write_json(args.json, payload)
+    print("\n# Table 5 with the adapters' other settings")
+    adapters.update(measure_adapters(adapter_args, device, defaults=False))
+    print(table5(adapters))
     _write_json(args.json, payload)
     print(f"\n# data pipeline on {_cpu_label()} per process")
     threads = torch.get_num_threads()

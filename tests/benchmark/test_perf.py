@@ -111,8 +111,9 @@ def test_data_times_records_and_the_decoded_cache(tmp_path):
 
 
 def test_all_measures_the_gpu_figures_first_and_writes_the_json_after_each_stage(tmp_path, monkeypatch):
-    """`all` orchestrates the stages measured above (stand-ins here): GPU figures before the data
-    pipeline, the JSON rewritten after each stage, ``--profile`` passed to the step."""
+    """`all` orchestrates the stages measured above (stand-ins here): the default adapters, the step, the
+    adapters' variants, then the data pipeline; the JSON rewritten after each stage, ``--profile`` passed
+    to the step."""
     out, stages = tmp_path / "perf.json", []
     figures = {
         "adapters": {"protonet": dict(seconds=0.1, peak_memory_mib=None, paper_seconds=0.2, paper_memory_mib=4332,
@@ -121,12 +122,14 @@ def test_all_measures_the_gpu_figures_first_and_writes_the_json_after_each_stage
                  "ratio": 2.0},
         "data": [dict(input="md", path="records", workers=0, seconds=1.0, episodes_per_s=2.0, images_per_s=9.0)],
     }
+    variant = dict(figures["adapters"]["protonet"], seconds=0.3)
 
     def stand_in(stage):
-        def measure(args, *_):
+        def measure(args, device, **which):
             written = json.loads(out.read_text()) if out.exists() else {}
-            stages.append((stage, args, sorted(set(written) & set(figures))))
-            return figures[stage]
+            stages.append((stage + ("" if which.get("defaults", True) else " variants"), args,
+                           sorted(set(written) & set(figures))))
+            return figures[stage] if which.get("defaults", True) else {"full_variant": variant}
         return measure
 
     for stage in figures:
@@ -134,6 +137,9 @@ def test_all_measures_the_gpu_figures_first_and_writes_the_json_after_each_stage
     perf.main(["all", "--backbone", MINI_BACKBONE, "--image-size", "32", "--repeats", "1", "--device", "cpu",
                "--profile", str(tmp_path / "profiles"), "--json", str(out)])
     assert [(stage, written) for stage, _, written in stages] == [
-        ("adapters", []), ("step", ["adapters"]), ("data", ["adapters", "step"])]
+        ("adapters", []), ("step", ["adapters"]), ("adapters variants", ["adapters", "step"]),
+        ("data", ["adapters", "step"])]
     assert stages[1][1].profile == str(tmp_path / "profiles")
-    assert set(figures) <= set(json.loads(out.read_text()))
+    written = json.loads(out.read_text())
+    assert set(figures) <= set(written)
+    assert set(written["adapters"]["figures"]) == {"protonet", "full_variant"}  # defaults and variants, one table
