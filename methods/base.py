@@ -32,7 +32,7 @@ from benchmark.distributed import gather_objects, sum_gradients
 from methods.backbones import compiles, load_parameters, working_copy
 
 __all__ = ["Method", "Task", "TaskModel", "prototypes", "cosine_logits", "autocast", "forward_features",
-           "inference_features", "query_metrics", "support_query_features"]
+           "inference_features", "query_metrics", "read_metrics", "support_query_features"]
 
 
 @dataclass
@@ -186,7 +186,8 @@ class Method(nn.Module):
         return []
 
     def task_loss(self, task):
-        """(scalar loss, {metric: float}) of one task; called under autocast."""
+        """(scalar loss, {metric: float or detached 0-dim tensor}) of one task; called under autocast.
+        Tensors are read once per step for all tasks (`read_metrics`), so the host never waits mid-step."""
         raise NotImplementedError
 
     def before_step(self, tasks, metrics):
@@ -235,7 +236,7 @@ class Method(nn.Module):
         self.train()
         for optimizer in self.optimizers:
             optimizer.zero_grad(set_to_none=True)
-        metrics = self.accumulate_gradients(tasks, total_tasks or len(tasks))
+        metrics = read_metrics(self.accumulate_gradients(tasks, total_tasks or len(tasks)))
         sum_gradients([p for optimizer in self.optimizers for group in optimizer.param_groups for p in group["params"]])
         metrics = [m for share in gather_objects(metrics) for m in share]
         extra = self.before_step(tasks, metrics) or {}
@@ -253,13 +254,13 @@ class Method(nn.Module):
 
     def accumulate_gradients(self, tasks, total_tasks):
         """Add ∇(L_i / ``total_tasks``) of every task to the parameters' ``.grad``, one backward per task
-        (so one task's activations are alive at a time); returns the tasks' metrics."""
+        (so one task's activations are alive at a time); returns the tasks' metrics (values as `task_loss`)."""
         metrics = []
         for task in tasks:
             with autocast(self.device):
                 loss, task_metrics = self.task_loss(task)
             (loss / total_tasks).backward()
-            metrics.append({"loss": float(loss.detach()), **task_metrics})
+            metrics.append({"loss": loss.detach(), **task_metrics})
         return metrics
 
     def training_state(self):
@@ -277,5 +278,13 @@ class Method(nn.Module):
 
 
 def query_metrics(logits, labels):
-    """{'query_acc': accuracy} of ``logits`` against ``labels``."""
-    return {"query_acc": float((logits.argmax(-1) == labels).float().mean())}
+    """{'query_acc': accuracy (a 0-dim tensor)} of ``logits`` against ``labels``."""
+    return {"query_acc": (logits.argmax(-1) == labels).float().mean()}
+
+
+def read_metrics(metrics):
+    """``metrics`` (a list of {name: float or 0-dim tensor}) with every tensor read as a float in one
+    device-to-host copy: one wait for the device per step instead of one per value."""
+    tensors = [v for m in metrics for v in m.values() if torch.is_tensor(v)]
+    values = iter(torch.stack([t.detach().float() for t in tensors]).tolist() if tensors else [])
+    return [{k: next(values) if torch.is_tensor(v) else v for k, v in m.items()} for m in metrics]

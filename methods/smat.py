@@ -120,11 +120,14 @@ class SMAT(Method):
         self.register_buffer("total_steps", torch.zeros((), dtype=torch.long))
         self._step_experts = None  # the current meta-training step's `StepExperts`
         self._evaluation_gates = None  # (state of log α, its evaluation gates)
+        self._step_temperature = None  # the temperature during a meta-training step
 
     # --- the task model θ_i ------------------------------------------------------------------------
 
     def temperature(self):
-        """Gumbel-sigmoid temperature at the current point of the run."""
+        """Gumbel-sigmoid temperature at the current point of the run (read once per meta-training step)."""
+        if self._step_temperature is not None:
+            return self._step_temperature
         progress = float(self.steps) / max(int(self.total_steps), 1)
         fraction = min(progress / max(self.temperature_anneal_fraction, 1e-12), 1.0)
         return self.temperature_start + (self.temperature_end - self.temperature_start) * fraction
@@ -226,16 +229,16 @@ class SMAT(Method):
             head = prototypes(support, support_y, task.ways)
         student = cosine_logits(query, head)
         ce = F.cross_entropy(student, query_y)
-        metrics = {"query_ce": float(ce.detach()), **query_metrics(student.detach(), query_y)}
+        metrics = {"query_ce": ce.detach(), **query_metrics(student.detach(), query_y)}
         loss = ce
         if self.dense_teacher:
             teacher = self._teacher_logits(params, head, query_x, query_y)
             kd = distillation_loss(student, teacher, self.kd_temperature)
             loss = self.ce_weight * ce + (1 - self.ce_weight) * kd
-            metrics.update(kd=float(kd.detach()), teacher_acc=query_metrics(teacher, query_y)["query_acc"])
-        metrics["loss"] = float(loss.detach())  # the objective; the penalties are logged apart
+            metrics.update(kd=kd.detach(), teacher_acc=query_metrics(teacher, query_y)["query_acc"])
+        metrics["loss"] = loss.detach()  # the objective; the penalties are logged apart
         loss = loss + self.routing_logit_l2 * routing_logits.pow(2).mean()
-        metrics.update({f"alpha_{m}": float(a) for m, a in enumerate(alpha.detach())})
+        metrics.update({f"alpha_{m}": a for m, a in enumerate(alpha.detach())})
         return loss, metrics
 
     def accumulate_gradients(self, tasks, total_tasks):
@@ -300,6 +303,10 @@ class SMAT(Method):
         return extra
 
     def meta_train_step(self, tasks, total_tasks=None):
-        summary = super().meta_train_step(tasks, total_tasks)
+        self._step_temperature = self.temperature()  # the step counter lives on the device: read it once
+        try:
+            summary = super().meta_train_step(tasks, total_tasks)
+        finally:
+            self._step_temperature = None
         summary["temperature"] = self.temperature()
         return summary

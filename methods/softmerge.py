@@ -57,8 +57,8 @@ class SoftMerge(Method):
         alpha = torch.softmax(self.router(prototypes(features, support_y, ways)).float(), -1)
         if self.training and self.expert_dropout > 0:
             keep = (torch.rand_like(alpha) >= self.expert_dropout).float()
-            if keep.sum() == 0:  # never drop every expert
-                keep[torch.argmax(alpha)] = 1.0
+            never_none = F.one_hot(alpha.argmax(), len(alpha)).float() * (keep.sum() == 0)  # keep the top one then
+            keep = torch.maximum(keep, never_none)
             alpha = alpha * keep / (alpha * keep).sum()
         return alpha
 
@@ -77,8 +77,8 @@ class SoftMerge(Method):
                                                 task.support_x, task.query_x)
         logits = cosine_logits(query, prototypes(support, task.support_y, task.ways))
         ce = F.cross_entropy(logits, task.query_y)
-        metrics = {"query_ce": float(ce.detach()), **query_metrics(logits.detach(), task.query_y)}
-        metrics.update({f"alpha_{m}": float(a) for m, a in enumerate(alpha.detach())})
+        metrics = {"query_ce": ce.detach(), **query_metrics(logits.detach(), task.query_y)}
+        metrics.update({f"alpha_{m}": a for m, a in enumerate(alpha.detach())})
         return ce, metrics
 
     def describe_task(self, support_x, support_y, ways):

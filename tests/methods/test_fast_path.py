@@ -10,6 +10,7 @@ near-tie queries may flip (at most `BF16_FLIPS` of them).
 import contextlib
 import copy
 import os
+import warnings
 
 import gin
 import pytest
@@ -270,6 +271,40 @@ def test_batched_translation_equals_the_per_image_loop():
     assert torch.equal(fast, plain)
 
 
+def test_step_metrics_are_read_in_one_copy_with_their_names_and_order():
+    from methods.base import read_metrics
+
+    metrics = [{"loss": torch.tensor(0.5, device=DEVICE), "ways": 5, "acc": torch.tensor(0.25, device=DEVICE)},
+               {"loss": torch.tensor(1.5, device=DEVICE, dtype=torch.bfloat16), "ways": 3, "acc": 0.75}]
+    assert read_metrics(metrics) == [{"loss": 0.5, "ways": 5, "acc": 0.25}, {"loss": 1.5, "ways": 3, "acc": 0.75}]
+    assert read_metrics([{"ways": 5}]) == [{"ways": 5}]
+
+
+def host_waits(fn):
+    """How many times ``fn()`` makes the host wait for the GPU (CUDA's synchronisation debug mode)."""
+    torch.cuda.synchronize()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            fn()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    return sum("synchroniz" in str(w.message) for w in caught)
+
+
+@pytest.mark.skipif(DEVICE.type != "cuda", reason="host-device synchronisation exists only with a CUDA device")
+@pytest.mark.parametrize("name", ["pmf", "softmerge", "smat"])
+def test_a_meta_training_step_waits_for_the_gpu_as_often_whatever_its_number_of_tasks(name):
+    method = trained_like(name) if name != "pmf" else create_method(
+        "pmf", backbone=create_backbone(MINI_BACKBONE, pretrained=False)).to(DEVICE)
+    method.configure_training(10)
+    tasks = [random_task(seed=s) for s in range(4)]
+    method.meta_train_step(tasks[:2])  # compiles the routing pass, outside the count
+    waits = {n: host_waits(lambda: method.meta_train_step(tasks[:n])) for n in (2, 4)}
+    assert waits[2] == waits[4] >= 1, waits  # the metrics are read once per step, not per task or per value
+
+
 def reference_augment(x, generator, shift=2):
     """PMF's DiffAugment image by image from the same draws (coin, flip, brightness, saturation, contrast, dy, dx)."""
     if torch.rand((), generator=generator) >= 0.9:
@@ -336,13 +371,12 @@ def test_a_fine_tuning_step_never_waits_for_the_gpu():
         with autocast(DEVICE):
             return backbone(x).float()
 
-    torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
-        for seed in range(12):  # steps with and without augmentation
+    def steps():  # with and without augmentation
+        for seed in range(12):
             _support_loss(features_of, task, torch.Generator().manual_seed(seed), 10.0, 0.0).backward()
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
+
+    assert host_waits(lambda: float(task.support_x.sum())) == 1  # the count sees a wait
+    assert host_waits(steps) == 0
 
 
 def test_full_fine_tuning_carries_nothing_between_tasks_and_checkpointing_changes_no_prediction():
