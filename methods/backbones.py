@@ -25,6 +25,7 @@ import timm
 import torch
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models.vision_transformer import VisionTransformer
+from torch.func import functional_call
 
 from registry.errors import DataError
 
@@ -139,6 +140,26 @@ def working_copy(backbone, purpose, device, activation_memory_budget=None):
         return model, forward
 
     return derived(backbone, ("working copy", purpose, str(device), activation_memory_budget), build)
+
+
+def compiled_functional(backbone):
+    """``f(params, x)``: ``backbone``'s forward under ``params`` (name -> tensor) through `torch.compile`,
+    gradients flowing into ``params``; made once per backbone. Batch sizes are dynamic and ``params``
+    are graph inputs, so new values cost no recompilation; it compiles once per train/eval mode and per
+    pattern of which tensors require gradients (`COMPILED_VARIANTS` applies as in `working_copy`)."""
+    def build(model):
+        def call(params, x):
+            return functional_call(model, params, (x,))
+
+        compiled = torch.compile(call, dynamic=True)
+
+        def forward(params, x):
+            with torch._dynamo.config.patch(cache_size_limit=COMPILED_VARIANTS):
+                return compiled(params, x)
+
+        return forward
+
+    return derived(backbone, ("compiled functional",), build)
 
 
 def load_parameters(module, params):

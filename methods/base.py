@@ -29,7 +29,7 @@ from timm.scheduler import CosineLRScheduler
 from torch.func import functional_call
 
 from benchmark.distributed import gather_objects, sum_gradients
-from methods.backbones import compiles, load_parameters, working_copy
+from methods.backbones import compiled_functional, compiles, load_parameters, working_copy
 
 __all__ = ["Method", "Task", "TaskModel", "prototypes", "cosine_logits", "autocast", "forward_features",
            "inference_features", "query_metrics", "read_metrics", "support_query_features"]
@@ -59,8 +59,18 @@ def autocast(device):
     return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
 
 
-def forward_features(backbone, params, x):
-    """CLS features of ``x`` under parameters ``params`` (a name -> tensor dict) of ``backbone``, in fp32."""
+@gin.configurable("differentiable", module="methods")
+def forward_features(backbone, params, x, compile_backbone=False):
+    """CLS features of ``x`` under parameters ``params`` (a name -> tensor dict) of ``backbone``, in fp32,
+    with gradients into ``params``: the forward pass of meta-training and of fine-tuning through θ_i.
+
+    ``compile_backbone`` runs ``backbone`` through `torch.compile` (`methods.backbones.compiled_functional`):
+    fused kernels for the forward and the backward instead of one per operator, the same gradients.
+    Off by default (True/None opt in; None compiles on CUDA GPUs, `methods.backbones.compiles`) until
+    ``python -m benchmark.perf step`` has timed it on a GPU.
+    """
+    if compiles(compile_backbone, x.device):
+        return compiled_functional(backbone)(params, x).float()
     return functional_call(backbone, params, (x,)).float()
 
 
@@ -75,7 +85,7 @@ def inference_features(backbone, params, x, compile_backbone=None):
     """
     with torch.no_grad(), autocast(x.device):
         if not compiles(compile_backbone, x.device):
-            return forward_features(backbone, params, x)
+            return forward_features(backbone, params, x, compile_backbone=False)
         work, compiled = working_copy(backbone, "inference", x.device)
         load_parameters(work.train(backbone.training), params)
         return compiled(x).float()

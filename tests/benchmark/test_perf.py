@@ -78,7 +78,11 @@ def test_step_reports_the_smat_to_pmf_ratio_and_profiles_each_step(tmp_path, cap
     assert figures["steps"]["smat_eager_inference"]["bindings"] == {"inference.compile_backbone": False}
     for label in figures["steps"]:
         assert "aten::" in (tmp_path / "profiles" / f"step_{label}.txt").read_text()  # the step's operators
-    assert figures["ratio"] == pytest.approx(figures["steps"]["smat"]["seconds"] / figures["steps"]["pmf"]["seconds"])
+    steps = figures["steps"]
+    assert figures["ratio"] == pytest.approx(steps["smat"]["seconds"] / steps["pmf"]["seconds"])
+    assert figures["ratios"] == pytest.approx({  # each SMAT setting against PMF with the same setting, if any
+        "smat": figures["ratio"], "smat_eager_inference": steps["smat_eager_inference"]["seconds"] / steps["pmf"]["seconds"],
+        "smat_compiled_training": steps["smat_compiled_training"]["seconds"] / steps["pmf_compiled_training"]["seconds"]})
     assert "SMAT step / PMF step = " in capsys.readouterr().out
 
 
@@ -119,7 +123,7 @@ def test_all_measures_the_gpu_figures_first_and_writes_the_json_after_each_stage
         "adapters": {"protonet": dict(seconds=0.1, peak_memory_mib=None, paper_seconds=0.2, paper_memory_mib=4332,
                                       target_seconds=0.02, target_memory_mib=None)},
         "step": {"steps": {"pmf": dict(seconds=1.0, peak_memory_mib=None), "smat": dict(seconds=2.0, peak_memory_mib=None)},
-                 "ratio": 2.0},
+                 "ratio": 2.0, "ratios": {"smat": 2.0}},
         "data": [dict(input="md", path="records", workers=0, seconds=1.0, episodes_per_s=2.0, images_per_s=9.0)],
     }
     variant = dict(figures["adapters"]["protonet"], seconds=0.3)

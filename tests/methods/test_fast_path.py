@@ -40,9 +40,11 @@ def random_task(ways=5, shots=4, queries=3, size=32, seed=0):
 
 
 def trained_like(name, **kwargs):
-    """A method whose experts are not at their zero initialisation (so merges are not trivially θ_pre)."""
+    """A method whose experts (if any) are not at their zero initialisation (so merges are not trivially θ_pre)."""
     torch.manual_seed(0)
     method = create_method(name, backbone=create_backbone(MINI_BACKBONE, pretrained=False), **kwargs).to(DEVICE)
+    if getattr(method, "deltas", None) is None:
+        return method
     with torch.no_grad():
         method.deltas.delta.normal_(0, 0.02)
         if getattr(method, "masks", None) is not None:
@@ -296,8 +298,7 @@ def host_waits(fn):
 @pytest.mark.skipif(DEVICE.type != "cuda", reason="host-device synchronisation exists only with a CUDA device")
 @pytest.mark.parametrize("name", ["pmf", "softmerge", "smat"])
 def test_a_meta_training_step_waits_for_the_gpu_as_often_whatever_its_number_of_tasks(name):
-    method = trained_like(name) if name != "pmf" else create_method(
-        "pmf", backbone=create_backbone(MINI_BACKBONE, pretrained=False)).to(DEVICE)
+    method = trained_like(name)
     method.configure_training(10)
     tasks = [random_task(seed=s) for s in range(4)]
     method.meta_train_step(tasks[:2])  # compiles the routing pass, outside the count
@@ -395,6 +396,48 @@ def test_full_fine_tuning_carries_nothing_between_tasks_and_checkpointing_change
     work, _ = _DERIVED[method.backbone][("working copy", "full", str(DEVICE), None)]
     assert work.grad_checkpointing  # the working copy did checkpoint
     assert_same_predictions(checkpointed, alone)
+
+
+@pytest.mark.parametrize("name", ["pmf", "softmerge", "smat"])
+def test_compiled_meta_training_steps_equal_the_eager_ones(name, full_precision):
+    tasks = [random_task(seed=s) for s in range(2)]
+    trained = {}
+    for compiled in (False, True):
+        method = trained_like(name)
+        method.configure_training(10)
+        with gin.unlock_config():
+            gin.bind_parameter("differentiable.compile_backbone", compiled)
+        try:
+            torch.manual_seed(5)  # the same gate and routing noise
+            for _ in range(2):
+                method.meta_train_step(tasks)
+        finally:
+            gin.clear_config()
+        trained[compiled] = {n: p.detach().clone() for n, p in method.named_parameters() if p.requires_grad}
+    assert ("compiled functional",) in _DERIVED[method.backbone]  # the compiled path was taken
+    for n, eager in trained[False].items():
+        torch.testing.assert_close(trained[True][n], eager, rtol=1e-4, atol=1e-5, msg=n)
+
+
+@pytest.mark.parametrize("adapter", ["lora", "full_joint"])
+def test_adapters_with_compiled_differentiable_passes_equal_the_eager_ones(adapter, monkeypatch):
+    import methods.base
+
+    compiled_for, compiled_functional = [], methods.base.compiled_functional
+    monkeypatch.setattr(methods.base, "compiled_functional", lambda b: compiled_for.append(b) or compiled_functional(b))
+    method = trained_like("smat")
+    task = random_task(queries=FINETUNE_QUERIES, seed=9)
+    predictions = {}
+    for compiled in (False, True):
+        with gin.unlock_config():
+            gin.bind_parameter("differentiable.compile_backbone", compiled)
+            gin.bind_parameter(f"{adapter}.steps", 3)
+        try:
+            predictions[compiled] = get_adapter(adapter)(method, task, 1e-3, seeded_generator("d"))
+        finally:
+            gin.clear_config()
+    assert compiled_for  # the compiled path was taken
+    assert_same_predictions(predictions[True], predictions[False])
 
 
 def test_compiled_full_fine_tuning_equals_the_eager_one():
