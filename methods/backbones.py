@@ -144,16 +144,19 @@ def working_copy(backbone, purpose, device, activation_memory_budget=None):
 
 def compiled_functional(backbone):
     """``f(params, x)``: ``backbone``'s forward under ``params`` (name -> tensor) through `torch.compile`,
-    gradients flowing into ``params``; made once per backbone. Batch sizes are dynamic and ``params``
-    are graph inputs, so new values cost no recompilation; it compiles once per train/eval mode and per
-    pattern of which tensors require gradients (`COMPILED_VARIANTS` applies as in `working_copy`)."""
+    gradients flowing into ``params``; made once per backbone. The batch size is dynamic, the shapes of
+    ``params`` static (as a module's own parameters are: with symbolic shapes, the backward of timm's
+    position-embedding resampling fails to compile), and ``params`` are graph inputs, so new values
+    cost no recompilation; it compiles once per train/eval mode and per pattern of which tensors
+    require gradients (`COMPILED_VARIANTS` applies as in `working_copy`)."""
     def build(model):
         def call(params, x):
             return functional_call(model, params, (x,))
 
-        compiled = torch.compile(call, dynamic=True)
+        compiled = torch.compile(call)
 
         def forward(params, x):
+            torch._dynamo.maybe_mark_dynamic(x, 0)
             with torch._dynamo.config.patch(cache_size_limit=COMPILED_VARIANTS):
                 return compiled(params, x)
 
