@@ -280,6 +280,8 @@ ADAPTER_VARIANTS = {  # label: (adapter, gin bindings): the default adapters wit
 }
 STEP_VARIANTS = {  # label: (method, gin bindings), timed beside the PMF and SMAT steps
     "smat_eager_inference": ("smat", {"inference.compile_backbone": False}),
+    "smat_eager_gates": ("smat", {"hard_concrete.compile_gates": False}),
+    "smat_compiled_gates": ("smat", {"hard_concrete.compile_gates": True}),
     "pmf_compiled_training": ("pmf", {"differentiable.compile_backbone": True}),
     "smat_compiled_training": ("smat", {"differentiable.compile_backbone": True}),
 }

@@ -27,10 +27,14 @@ expert's expected density is the mean of that over its elements, and its expecte
 minus the density (the quantity SMAT constrains to be at least τ).
 """
 
+import functools
 import math
 
+import gin
 import torch
 import torch.nn as nn
+
+from methods.backbones import compiles
 
 __all__ = ["ParameterLayout", "HardConcreteMasks", "ExpertDeltas", "StepExperts", "expert_parameter_names",
            "expert_matrix", "hard_concrete", "interpolate", "gated_update"]
@@ -67,14 +71,36 @@ class ParameterLayout:
         return [part.view(*shape, *trailing) for part, shape in zip(flat.split(self.sizes), self.shapes)]
 
 
-def hard_concrete(log_alpha, training):
-    """Hard-concrete gates z of locations ``log_alpha`` (any shape): noisy in training, deterministic otherwise."""
-    if training:
-        u = torch.rand_like(log_alpha).clamp_(1e-6, 1 - 1e-6)
-        s = torch.sigmoid((torch.log(u) - torch.log1p(-u) + log_alpha) / BETA)
-    else:
-        s = torch.sigmoid(log_alpha)
+@gin.configurable("hard_concrete", module="methods")
+def hard_concrete(log_alpha, training, compile_gates=None):
+    """Hard-concrete gates z of locations ``log_alpha`` (any shape): noisy in training, deterministic otherwise.
+
+    ``compile_gates`` (None: on CUDA, `methods.backbones.compiles`) computes the training gates from
+    their noise u in one fused kernel, and their backward in another, keeping only u for the backward
+    (eager keeps two N × M tensors): about a dozen passes over N × M floats become one each way. u is
+    drawn outside, so both paths give the same gates for the same random state.
+    """
+    if not training:
+        return _stretched(torch.sigmoid(log_alpha))
+    u = torch.rand_like(log_alpha)
+    if compiles(compile_gates, log_alpha.device):
+        return _compiled_training_gates()(log_alpha, u)
+    return _training_gates(log_alpha, u)
+
+
+def _stretched(s):
     return (s * (ZETA - GAMMA) + GAMMA).clamp(0.0, 1.0)
+
+
+def _training_gates(log_alpha, u):
+    """z of noise ``u`` ~ U(0, 1) (clamped to [1e-6, 1 − 1e-6]): stretched σ((log u − log(1 − u) + log α) / β)."""
+    u = u.clamp(1e-6, 1 - 1e-6)
+    return _stretched(torch.sigmoid((torch.log(u) - torch.log1p(-u) + log_alpha) / BETA))
+
+
+@functools.cache
+def _compiled_training_gates():
+    return torch.compile(_training_gates)
 
 
 def expert_matrix(delta, gates=None):

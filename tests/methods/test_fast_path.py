@@ -241,6 +241,26 @@ def test_smat_step_gradients_equal_one_plain_graph_per_task(variant, full_precis
         torch.testing.assert_close(g_fast, g_plain, rtol=1e-3, atol=1e-5)
 
 
+def test_compiled_training_gates_equal_the_eager_ones_and_keep_only_their_noise():
+    from methods.experts import HardConcreteMasks, hard_concrete
+
+    masks = HardConcreteMasks(numel=4000, num_experts=8, init_std=2.0).to(DEVICE)
+    weights = torch.randn(4000, 8, device=DEVICE)
+    gates, grads, kept = {}, {}, {}
+    for compiled in (False, True):
+        torch.manual_seed(2)
+        gates[compiled] = hard_concrete(masks.log_alpha, training=True, compile_gates=compiled)
+        grads[compiled], = torch.autograd.grad((gates[compiled] * weights).sum(), masks.log_alpha)
+        kept[compiled] = kept_activations_mib(lambda _: hard_concrete(masks.log_alpha, True, compile_gates=compiled),
+                                              masks, weights)
+    z = gates[False]
+    assert ((z == 0) | (z == 1)).any() and ((z > 0) & (z < 1)).any()  # clamped and interior gates both checked
+    torch.testing.assert_close(gates[True], z, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(grads[True], grads[False], rtol=1e-4, atol=1e-6)
+    noise_mib = z.numel() * 4 / 2**20
+    assert kept[True] <= 1.01 * noise_mib and kept[False] >= 1.99 * noise_mib, kept  # u alone; eager: s and its stretch
+
+
 def test_evaluation_gates_are_kept_until_log_alpha_changes():
     method = trained_like("smat")
     alpha = torch.softmax(torch.randn(method.deltas.num_experts, device=DEVICE), 0)
