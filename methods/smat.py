@@ -222,7 +222,7 @@ class SMAT(Method):
         params = self.merged_params(alpha, training=True)
         if self.support_step_lr:
             head = prototypes(forward_features(self.backbone, params, support_x), support_y, task.ways)
-            params, head = self._support_step(params, head, support_x, support_y)
+            params, head = self._support_step(params, head, support_x, support_y, task.ways)
             query = forward_features(self.backbone, params, query_x)
         else:
             support, query = support_query_features(partial(forward_features, self.backbone, params), support_x, query_x)
@@ -265,11 +265,17 @@ class SMAT(Method):
         step.backward(penalty)
         return metrics
 
-    def _support_step(self, params, head, support_x, support_y):
-        """The official code's first-order SGD step on the support CE (gradients treated as constants)."""
+    def _support_step(self, params, head, support_x, support_y, ways):
+        """The official code's first-order SGD step on the support CE (gradients treated as constants).
+
+        The step differentiates its own support pass, prototypes included (equal to ``head``), so the
+        graph behind ``head``, which the query loss goes back through, is left whole.
+        """
         names = list(params)
-        logits = cosine_logits(forward_features(self.backbone, params, support_x), head)
-        grads = torch.autograd.grad(F.cross_entropy(logits, support_y), [params[n] for n in names] + [head],
+        features = forward_features(self.backbone, params, support_x)
+        step_head = prototypes(features, support_y, ways)
+        logits = cosine_logits(features, step_head)
+        grads = torch.autograd.grad(F.cross_entropy(logits, support_y), [params[n] for n in names] + [step_head],
                                     allow_unused=True)
         stepped = {n: p if g is None else p - self.support_step_lr * g.detach() for (n, p), g in zip(params.items(), grads)}
         return stepped, head - self.support_step_lr * grads[-1].detach()

@@ -4,8 +4,10 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from methods import MINI_BACKBONE, Task, create_backbone, create_method
+from methods.base import cosine_logits, forward_features, prototypes
 from methods.experts import BETA, GAMMA, ZETA, ExpertDeltas, HardConcreteMasks
 from methods.router import gumbel_sigmoid_weights
 from methods.smat import distillation_loss
@@ -125,6 +127,23 @@ def test_teacher_takes_k_sgd_steps_on_the_query_loss(backbone):
     untouched = torch.nn.functional.cross_entropy(
         smat._teacher_logits(params, head, task.query_x, task.query_y), task.query_y)
     assert before < untouched
+
+
+def test_support_step_is_one_first_order_sgd_step_and_meta_training_runs_with_it(backbone):
+    smat = create_method("smat", backbone=backbone, support_step_lr=0.1, tasks_per_step=1)
+    task = random_task()
+    params = {n: p.detach().clone().requires_grad_() for n, p in smat.pretrained_params().items()}
+    head = prototypes(forward_features(backbone, params, task.support_x), task.support_y, task.ways)
+    stepped, stepped_head = smat._support_step(params, head, task.support_x, task.support_y, task.ways)
+    loss = F.cross_entropy(cosine_logits(forward_features(backbone, params, task.support_x), head), task.support_y)
+    *grads, head_grad = torch.autograd.grad(loss, [*params.values(), head])
+    for (name, p), g in zip(params.items(), grads):
+        torch.testing.assert_close(stepped[name], p - 0.1 * g, msg=name)
+    torch.testing.assert_close(stepped_head, head - 0.1 * head_grad)
+    smat.configure_training(2)
+    before = smat.deltas.delta.detach().clone()
+    smat.meta_train_step([task])  # the query loss goes back through the head's support pass after the step
+    assert not torch.equal(smat.deltas.delta, before)
 
 
 def test_lagrange_multiplier_grows_while_violated_and_resets_once_met(backbone):
