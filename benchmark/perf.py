@@ -578,9 +578,9 @@ def run_all(args, parser):
     adapters.update(measure_adapters(adapter_args, device, defaults=False))
     print(table5(adapters))
     _write_json(args.json, payload)
-    print(f"\n# data pipeline on {_cpu_label()} per process")
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+    torch.set_num_threads(1)  # one core per loader process, as `run_data`
+    print(f"\n# data pipeline on {_cpu_label()} per process")
     with tempfile.TemporaryDirectory(prefix="smat-perf-") as tmp:
         payload["data"] = measure_data(data_args, tmp)
     torch.set_num_threads(threads)
