@@ -146,16 +146,28 @@ def _cpu_label():
     return f"{os.cpu_count()} CPU cores ({len(os.sched_getaffinity(0))} usable), {torch.get_num_threads()} torch thread(s)"
 
 
-def run_data(args):
-    """Episodes/s from records and from the decoded cache, for each input and worker count."""
+def data_stage(args):
+    """(rows, CPU label): `measure_data` with one torch thread per loader process, so worker counts
+    compare fairly (the thread count is restored after), its header and table printed."""
     import torch
 
-    torch.set_num_threads(1)  # one core per loader process, so worker counts compare fairly
-    print(f"# data pipeline on {_cpu_label()} per process")
-    with tempfile.TemporaryDirectory(prefix="smat-perf-") as tmp:
-        rows = measure_data(args, tmp)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        cpu = _cpu_label()
+        print(f"# data pipeline on {cpu} per process")
+        with tempfile.TemporaryDirectory(prefix="smat-perf-") as tmp:
+            rows = measure_data(args, tmp)
+    finally:
+        torch.set_num_threads(threads)
     print(data_table(rows))
-    _write_json(args.json, dict(device=_cpu_label(), what="data", episodes=args.episodes, rows=rows, **_provenance()))
+    return rows, cpu
+
+
+def run_data(args):
+    """Episodes/s from records and from the decoded cache, for each input and worker count."""
+    rows, cpu = data_stage(args)
+    _write_json(args.json, dict(device=cpu, what="data", episodes=args.episodes, rows=rows, **_provenance()))
 
 
 PAPER_TABLE5 = {"protonet": (0.2, 4332), "gradient_free": (6.4, 4332), "full": (11.8, 17264)}  # s/task, MiB (FP16)
@@ -380,7 +392,8 @@ def measure_step(args, device):
         figures[label] = dict(_measured(label, step, device, args.repeats), bindings=bindings)
         if args.profile and not figures[label].get("error"):
             figures[label]["kernels"] = _profile(step, device, Path(args.profile) / f"step_{label}.txt")
-    return dict(steps=figures, ratio=step_ratios(figures).get("smat"), ratios=step_ratios(figures))
+    ratios = step_ratios(figures)
+    return dict(steps=figures, ratio=ratios.get("smat"), ratios=ratios)
 
 
 def step_ratios(figures):
@@ -550,8 +563,6 @@ def run_all(args, parser):
     The figures the issue's targets name come first and the CPU-side data figures, which any machine can
     measure, last, so a run stopped by a time limit loses the least; the JSON is rewritten after each stage.
     """
-    import torch
-
     device = _device(args)
     shared = ["--backbone", args.backbone, "--image-size", str(args.image_size), "--repeats", str(args.repeats),
               "--device", str(device)]
@@ -578,13 +589,8 @@ def run_all(args, parser):
     adapters.update(measure_adapters(adapter_args, device, defaults=False))
     print(table5(adapters))
     _write_json(args.json, payload)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # one core per loader process, as `run_data`
-    print(f"\n# data pipeline on {_cpu_label()} per process")
-    with tempfile.TemporaryDirectory(prefix="smat-perf-") as tmp:
-        payload["data"] = measure_data(data_args, tmp)
-    torch.set_num_threads(threads)
-    print(data_table(payload["data"]))
+    print()
+    payload["data"], _ = data_stage(data_args)
     _write_json(args.json, payload)
     exit_if_failed({"forward": forward}, adapters, step["steps"])
 

@@ -97,6 +97,15 @@ def derived(backbone, key, build):
 COMPILED_VARIANTS = 64  # graphs one compiled forward may hold (dynamo's default of 8 is shared by every ViT copy)
 
 
+def _within_variant_limit(compiled):
+    """``compiled`` (a `torch.compile` result) called with dynamo's graph limit raised to `COMPILED_VARIANTS`."""
+    def call(*args):
+        with torch._dynamo.config.patch(cache_size_limit=COMPILED_VARIANTS):
+            return compiled(*args)
+
+    return call
+
+
 @functools.cache
 def _inductor_backend(activation_memory_budget):
     """torch.compile's inductor backend, its forward/backward partition held to ``activation_memory_budget``
@@ -132,12 +141,7 @@ def working_copy(backbone, purpose, device, activation_memory_budget=None):
     def build(model):
         model = copy.deepcopy(model).to(device)
         compiled = torch.compile(model, dynamic=True, backend=_inductor_backend(activation_memory_budget))
-
-        def forward(x):
-            with torch._dynamo.config.patch(cache_size_limit=COMPILED_VARIANTS):
-                return compiled(x)
-
-        return model, forward
+        return model, _within_variant_limit(compiled)
 
     return derived(backbone, ("working copy", purpose, str(device), activation_memory_budget), build)
 
@@ -153,12 +157,11 @@ def compiled_functional(backbone):
         def call(params, x):
             return functional_call(model, params, (x,))
 
-        compiled = torch.compile(call)
+        compiled = _within_variant_limit(torch.compile(call))
 
         def forward(params, x):
             torch._dynamo.maybe_mark_dynamic(x, 0)
-            with torch._dynamo.config.patch(cache_size_limit=COMPILED_VARIANTS):
-                return compiled(params, x)
+            return compiled(params, x)
 
         return forward
 
