@@ -296,6 +296,9 @@ STEP_VARIANTS = {  # label: (method, gin bindings), timed beside the PMF and SMA
     "smat_compiled_gates": ("smat", {"hard_concrete.compile_gates": True}),
     "pmf_compiled_training": ("pmf", {"differentiable.compile_backbone": True}),
     "smat_compiled_training": ("smat", {"differentiable.compile_backbone": True}),
+    "smat_teacher_reuse": ("smat", {"smat.teacher_reuses_query_pass": True}),
+    "smat_compiled_training_teacher_reuse": ("smat", {"differentiable.compile_backbone": True,
+                                                      "smat.teacher_reuses_query_pass": True}),
 }
 
 
@@ -381,8 +384,9 @@ def measure_step(args, device):
     figures = {}
     for label, (name, bindings) in _variants(["pmf", "smat"], STEP_VARIANTS).items():
         torch.manual_seed(0)
-        method = create_method(name, backbone=create_backbone(args.backbone, pretrained=False),
-                               tasks_per_step=args.tasks).to(device)
+        with _bound(label, bindings):  # a variant may bind the method's own arguments
+            method = create_method(name, backbone=create_backbone(args.backbone, pretrained=False),
+                                   tasks_per_step=args.tasks).to(device)
         method.configure_training(10 * args.repeats + 10)
 
         def step():
@@ -397,12 +401,15 @@ def measure_step(args, device):
 
 
 def step_ratios(figures):
-    """{SMAT label: its seconds ÷ those of the PMF step with the same settings} (``smat<suffix>`` against
-    ``pmf<suffix>``, or against the default PMF step for settings PMF has no variant of)."""
+    """{SMAT label: its seconds ÷ those of the PMF step with the same settings}: the PMF row with the
+    most of the SMAT row's gin bindings and no others (the default PMF step for settings PMF has no
+    variant of)."""
+    pmf_rows = [f for label, f in figures.items() if label.startswith("pmf")]
     ratios = {}
     for label, f in figures.items():
         if label.startswith("smat"):
-            pmf = figures.get("pmf" + label[len("smat"):], figures["pmf"])["seconds"]
+            shared = [p for p in pmf_rows if p["bindings"].items() <= f["bindings"].items()]
+            pmf = max(shared, key=lambda p: len(p["bindings"]))["seconds"]
             ratios[label] = f["seconds"] / pmf if pmf and f["seconds"] else None
     return ratios
 

@@ -29,7 +29,8 @@ from torch.func import functional_call
 
 from registry.errors import DataError
 
-__all__ = ["create_backbone", "derived", "working_copy", "load_parameters", "compiles", "MINI_BACKBONE"]
+__all__ = ["create_backbone", "derived", "working_copy", "compiled_functional", "grad_keeping_graph", "load_parameters",
+           "compiles", "MINI_BACKBONE"]
 
 MINI_BACKBONE = "smat_vit_mini_patch4_32"
 
@@ -107,19 +108,19 @@ def _within_variant_limit(compiled):
 
 
 @functools.cache
-def _inductor_backend(activation_memory_budget):
-    """torch.compile's inductor backend, its forward/backward partition held to ``activation_memory_budget``
-    (None: plain ``"inductor"``). Dynamo compiles a module's graphs once per code object and backend, not
-    per functorch setting or module instance, so each budget needs a backend of its own."""
-    if activation_memory_budget is None:
+def _inductor_backend(**functorch_settings):
+    """torch.compile's inductor backend, compiling under ``torch._functorch.config`` ``functorch_settings``
+    (none: plain ``"inductor"``). Dynamo compiles a module's graphs once per code object and backend, not
+    per functorch setting or module instance, so each setting needs a backend of its own."""
+    if not functorch_settings:
         return "inductor"
     inductor = torch._dynamo.lookup_backend("inductor")
 
-    def inductor_within_budget(graph, example_inputs):
-        with torch._functorch.config.patch(activation_memory_budget=activation_memory_budget):
+    def inductor_with_settings(graph, example_inputs):
+        with torch._functorch.config.patch(**functorch_settings):
             return inductor(graph, example_inputs)
 
-    return inductor_within_budget
+    return inductor_with_settings
 
 
 def working_copy(backbone, purpose, device, activation_memory_budget=None):
@@ -140,7 +141,8 @@ def working_copy(backbone, purpose, device, activation_memory_budget=None):
     """
     def build(model):
         model = copy.deepcopy(model).to(device)
-        compiled = torch.compile(model, dynamic=True, backend=_inductor_backend(activation_memory_budget))
+        settings = {} if activation_memory_budget is None else dict(activation_memory_budget=activation_memory_budget)
+        compiled = torch.compile(model, dynamic=True, backend=_inductor_backend(**settings))
         return model, _within_variant_limit(compiled)
 
     return derived(backbone, ("working copy", purpose, str(device), activation_memory_budget), build)
@@ -152,12 +154,14 @@ def compiled_functional(backbone):
     ``params`` static (as a module's own parameters are: with symbolic shapes, the backward of timm's
     position-embedding resampling fails to compile), and ``params`` are graph inputs, so new values
     cost no recompilation; it compiles once per train/eval mode and per pattern of which tensors
-    require gradients (`COMPILED_VARIANTS` applies as in `working_copy`)."""
+    require gradients (`COMPILED_VARIANTS` applies as in `working_copy`). Its backward keeps the
+    activations it reads (no donated buffers), so a forward can be gone back through twice
+    (``retain_graph``: SMAT's teacher takes its gradient through the student's query pass)."""
     def build(model):
         def call(params, x):
             return functional_call(model, params, (x,))
 
-        compiled = _within_variant_limit(torch.compile(call))
+        compiled = _within_variant_limit(torch.compile(call, backend=_inductor_backend(donated_buffer=False)))
 
         def forward(params, x):
             torch._dynamo.maybe_mark_dynamic(x, 0)
@@ -166,6 +170,14 @@ def compiled_functional(backbone):
         return forward
 
     return derived(backbone, ("compiled functional",), build)
+
+
+def grad_keeping_graph(output, inputs):
+    """``torch.autograd.grad(output, inputs, retain_graph=True)``, through `compiled_functional`'s passes
+    too: their backward donates no buffers to its outputs, but torch checks its global switch for
+    donation (``torch._functorch.config.donated_buffer``) whenever a graph is kept, so it is off here."""
+    with torch._functorch.config.patch(donated_buffer=False):
+        return torch.autograd.grad(output, inputs, retain_graph=True)
 
 
 def load_parameters(module, params):

@@ -103,15 +103,18 @@ def cosine_logits(features, class_prototypes, scale=10.0, bias=0.0):
     return scale * (cos + bias)
 
 
-def support_query_features(features_of, support_x, query_x):
-    """(support features, query features) from one forward pass over both sets.
+def support_query_features(features_of, support_x, query_x, joint=True):
+    """(support features, query features) from one forward pass over both sets (``joint``) or one each.
 
     ``features_of(x)`` maps a batch to features; when ``query_x is support_x`` (no meta split) the
-    batch is passed once and both results are the same tensor.
+    batch is passed once and both results are the same tensor. Separate passes keep the query's
+    graph apart, so a gradient of the query features alone costs a backward over the query alone.
     """
     if query_x is support_x:
         features = features_of(support_x)
         return features, features
+    if not joint:
+        return features_of(support_x), features_of(query_x)
     features = features_of(torch.cat([support_x, query_x]))
     return features[: len(support_x)], features[len(support_x):]
 

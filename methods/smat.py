@@ -37,6 +37,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from methods._registry import register_method
+from methods.backbones import grad_keeping_graph
 from methods.base import (Method, TaskModel, cosine_logits, forward_features, inference_features, prototypes,
                           query_metrics, support_query_features)
 from methods.experts import ExpertDeltas, HardConcreteMasks, StepExperts, expert_parameter_names, gated_update
@@ -73,6 +74,10 @@ class SMAT(Method):
         ce_weight: β of L = β·CE + (1 − β)·KD.
         kd_temperature: T of the distillation.
         teacher_steps, teacher_lr: K and the SGD step of the dense teacher.
+        teacher_reuses_query_pass: True: the student passes the support and the query separately, and
+            the teacher's first step goes back through the student's query pass instead of passing the
+            query itself (the same gradient; one forward pass over the query fewer, one more backward
+            graph per task). Off until ``python -m benchmark.perf step`` has timed it on a GPU.
         support_step_lr: if set, the official code's first-order SGD step on the support CE before the
             query loss (its value there: 1e-3); None (default) follows the paper.
         learned_sparsity: False: no masks or sparsity constraint; experts sit on the MLP layers only.
@@ -95,19 +100,19 @@ class SMAT(Method):
     """
 
     def __init__(self, backbone, variant="default", num_experts=8, target_sparsity=0.9, ce_weight=0.75,
-                 kd_temperature=2.0, teacher_steps=1, teacher_lr=5e-3, support_step_lr=None, learned_sparsity=True,
-                 interpolated_experts=True, meta_split=True, dense_teacher=True, delta_lr=1e-4, delta_momentum=0.9,
-                 delta_weight_decay=1e-4, mask_lr=1.0, lagrangian_lr=5.0, router_lr=1e-4, router_weight_decay=1e-2,
-                 router_clip=1.0, temperature_start=5.0, temperature_end=0.5, temperature_anneal_fraction=0.36,
-                 mask_init_std=0.5, routing_logit_l2=1e-4, sparsity_measure="expected", tasks_per_step=4,
-                 warmup_fraction=0.2, min_lr=1e-6):
+                 kd_temperature=2.0, teacher_steps=1, teacher_lr=5e-3, teacher_reuses_query_pass=False,
+                 support_step_lr=None, learned_sparsity=True, interpolated_experts=True, meta_split=True,
+                 dense_teacher=True, delta_lr=1e-4, delta_momentum=0.9, delta_weight_decay=1e-4, mask_lr=1.0,
+                 lagrangian_lr=5.0, router_lr=1e-4, router_weight_decay=1e-2, router_clip=1.0, temperature_start=5.0,
+                 temperature_end=0.5, temperature_anneal_fraction=0.36, mask_init_std=0.5, routing_logit_l2=1e-4,
+                 sparsity_measure="expected", tasks_per_step=4, warmup_fraction=0.2, min_lr=1e-6):
         if variant not in VARIANTS:
             raise ValueError(f"smat variant {variant!r}: choose one of {', '.join(VARIANTS)}")
         super().__init__(backbone, tasks_per_step, warmup_fraction, min_lr)
         settings = {**locals(), **VARIANTS[variant]}
         for key in ("variant", "target_sparsity", "ce_weight", "kd_temperature", "teacher_steps", "teacher_lr",
-                    "support_step_lr", "learned_sparsity", "meta_split", "dense_teacher", "delta_lr",
-                    "delta_momentum", "delta_weight_decay", "mask_lr", "lagrangian_lr", "router_lr",
+                    "teacher_reuses_query_pass", "support_step_lr", "learned_sparsity", "meta_split", "dense_teacher",
+                    "delta_lr", "delta_momentum", "delta_weight_decay", "mask_lr", "lagrangian_lr", "router_lr",
                     "router_weight_decay", "router_clip", "temperature_start", "temperature_end",
                     "temperature_anneal_fraction", "routing_logit_l2", "sparsity_measure"):
             setattr(self, key, settings[key])
@@ -225,14 +230,16 @@ class SMAT(Method):
             params, head = self._support_step(params, head, support_x, support_y, task.ways)
             query = forward_features(self.backbone, params, query_x)
         else:
-            support, query = support_query_features(partial(forward_features, self.backbone, params), support_x, query_x)
+            support, query = support_query_features(partial(forward_features, self.backbone, params), support_x, query_x,
+                                                    joint=not (self.dense_teacher and self.teacher_reuses_query_pass))
             head = prototypes(support, support_y, task.ways)
         student = cosine_logits(query, head)
         ce = F.cross_entropy(student, query_y)
         metrics = {"query_ce": ce.detach(), **query_metrics(student.detach(), query_y)}
         loss = ce
         if self.dense_teacher:
-            teacher = self._teacher_logits(params, head, query_x, query_y)
+            reusable = query if self.teacher_reuses_query_pass else None
+            teacher = self._teacher_logits(params, head, query_x, query_y, reusable)
             kd = distillation_loss(student, teacher, self.kd_temperature)
             loss = self.ce_weight * ce + (1 - self.ce_weight) * kd
             metrics.update(kd=kd.detach(), teacher_acc=query_metrics(teacher, query_y)["query_acc"])
@@ -280,13 +287,22 @@ class SMAT(Method):
         stepped = {n: p if g is None else p - self.support_step_lr * g.detach() for (n, p), g in zip(params.items(), grads)}
         return stepped, head - self.support_step_lr * grads[-1].detach()
 
-    def _teacher_logits(self, params, head, query_x, query_y):
-        """Query logits of the dense teacher: K SGD steps on the query CE from stopgrad(θ_i, prototypes)."""
-        teacher = {n: p.detach().requires_grad_() for n, p in params.items()}
-        teacher_head = head.detach().requires_grad_()
-        for _ in range(self.teacher_steps):
-            logits = cosine_logits(forward_features(self.backbone, teacher, query_x), teacher_head)
-            grads = torch.autograd.grad(F.cross_entropy(logits, query_y), [*teacher.values(), teacher_head])
+    def _teacher_logits(self, params, head, query_x, query_y, query=None):
+        """Query logits of the dense teacher: K SGD steps on the query CE from stopgrad(θ_i, prototypes).
+
+        ``query``, the student's query features f_{θ_i}(x_q) with their graph, gives the first step's
+        gradient ∇_{θ_i} CE(cos(f_{θ_i}(x_q), stopgrad c)) without a forward pass of its own: the
+        values are the same, and the graph is kept for the student's backward. It serves when every
+        tensor of θ_i has a gradient (experts on every tensor); otherwise, and without ``query``, the
+        teacher passes the query itself.
+        """
+        teacher, teacher_head = params, head.detach().requires_grad_()
+        if query is None or not all(p.requires_grad for p in params.values()):
+            teacher, query = {n: p.detach().requires_grad_() for n, p in params.items()}, None
+        for step in range(self.teacher_steps):
+            features = query if step == 0 and query is not None else forward_features(self.backbone, teacher, query_x)
+            grad = grad_keeping_graph if features is query else torch.autograd.grad
+            grads = grad(F.cross_entropy(cosine_logits(features, teacher_head), query_y), [*teacher.values(), teacher_head])
             with torch.no_grad():
                 stepped = torch._foreach_add(list(teacher.values()), grads[:-1], alpha=-self.teacher_lr)
                 teacher = {n: p.requires_grad_() for n, p in zip(teacher, stepped)}

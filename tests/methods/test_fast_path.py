@@ -201,11 +201,13 @@ def test_lora_without_model_copies_equals_a_peft_wrapped_deep_copy():
     assert_same_predictions(fast, reference_finetune(features_of, lora, task, 1e-2, generator, FINETUNE_STEPS))
 
 
-@pytest.mark.parametrize("variant", ["default", "no_meta_split", "no_interpolated_experts", "mlp_experts"])
-def test_smat_step_gradients_equal_one_plain_graph_per_task(variant, full_precision):
-    """The deferred expert gradient and the once-per-step penalty against one plain graph per task
-    (per-tensor merge, separate support and query passes), in fp32 on every device."""
-    method = trained_like("smat", variant=variant)
+@pytest.mark.parametrize("variant, reuse", [("default", False), ("default", True), ("no_meta_split", True),
+                                            ("no_interpolated_experts", False), ("mlp_experts", True)])
+def test_smat_step_gradients_equal_one_plain_graph_per_task(variant, reuse, full_precision):
+    """The deferred expert gradient, the once-per-step penalty and (``reuse``) the teacher's step through
+    the student's query pass against one plain graph per task (per-tensor merge, separate support and
+    query passes, a teacher with passes of its own), in fp32 on every device."""
+    method = trained_like("smat", variant=variant, teacher_reuses_query_pass=reuse)
     method.configure_training(10)
     method.train()
     method.lagrange_multipliers.copy_(torch.linspace(0.1, 0.8, len(method.lagrange_multipliers)))
@@ -418,12 +420,14 @@ def test_full_fine_tuning_carries_nothing_between_tasks_and_checkpointing_change
     assert_same_predictions(checkpointed, alone)
 
 
-@pytest.mark.parametrize("name", ["pmf", "softmerge", "smat"])
-def test_compiled_meta_training_steps_equal_the_eager_ones(name, full_precision):
+@pytest.mark.parametrize("name, kwargs", [("pmf", {}), ("softmerge", {}), ("smat", {}),
+                                          ("smat", dict(teacher_reuses_query_pass=True))])
+def test_compiled_meta_training_steps_equal_the_eager_ones(name, kwargs, full_precision):
+    """(With the teacher's step through the student's query pass, the compiled backward runs twice.)"""
     tasks = [random_task(size=16, seed=s) for s in range(2)]  # not the backbone's 32 px: position embeddings resampled
     trained = {}
     for compiled in (False, True):
-        method = trained_like(name)
+        method = trained_like(name, **kwargs)
         method.configure_training(10)
         with gin.unlock_config():
             gin.bind_parameter("differentiable.compile_backbone", compiled)

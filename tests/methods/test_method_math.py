@@ -130,6 +130,42 @@ def test_teacher_takes_k_sgd_steps_on_the_query_loss(backbone):
     assert before < untouched
 
 
+@pytest.mark.parametrize("steps", [1, 2])
+def test_teacher_through_the_students_query_pass_equals_a_teacher_with_its_own(backbone, steps):
+    smat = create_method("smat", backbone=backbone, num_experts=2, teacher_steps=steps, teacher_lr=0.5)
+    task = random_task(seed=5)
+    with torch.no_grad():
+        smat.deltas.delta.normal_(0, 0.02)
+    _, alpha = smat.routing(task.support_x, task.support_y, task.ways)
+    params = smat.merged_params(alpha, training=True)
+    head = prototypes(forward_features(backbone, params, task.support_x), task.support_y, task.ways)
+    query = forward_features(backbone, params, task.query_x)
+    reused = smat._teacher_logits(params, head, task.query_x, task.query_y, query)
+    own = smat._teacher_logits(params, head, task.query_x, task.query_y)
+    untouched = cosine_logits(query, head).detach()
+    assert (own - untouched).abs().max() > 1e-3  # the teacher's steps moved its logits
+    torch.testing.assert_close(reused, own, rtol=1e-4, atol=1e-5)
+    F.cross_entropy(cosine_logits(query, head), task.query_y).backward()  # the student's graph is still whole
+    assert smat.deltas.delta.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("variant, reuse, support_passes, query_passes", [
+    ("default", False, 2, 3), ("default", True, 2, 2), ("mlp_experts", True, 2, 3), ("no_dense_teacher", True, 2, 1)])
+def test_images_a_smat_task_passes_forward(backbone, variant, reuse, support_passes, query_passes):
+    """Routing (θ_pre) and the student pass the support; the student, the teacher's step and the teacher
+    after its step pass the query. With ``teacher_reuses_query_pass`` the step goes back through the
+    student's query pass instead, unless a tensor of θ_i has no gradient there (experts on the MLPs only)."""
+    smat = create_method("smat", backbone=backbone, num_experts=2, variant=variant, teacher_reuses_query_pass=reuse)
+    task = random_task(seed=6)
+    passed = []
+    hook = backbone.patch_embed.register_forward_hook(lambda module, args, out: passed.append(len(args[0])))
+    try:
+        smat.task_loss(task)
+    finally:
+        hook.remove()
+    assert sum(passed) == support_passes * len(task.support_x) + query_passes * len(task.query_x)
+
+
 def test_support_step_is_one_first_order_sgd_step_and_meta_training_runs_with_it(backbone):
     smat = create_method("smat", backbone=backbone, support_step_lr=0.1, tasks_per_step=1)
     task = random_task()
