@@ -169,9 +169,7 @@ class SMAT(Method):
         with torch.no_grad():
             _, alpha = self.routing(support_x, support_y, ways)
             params = self.merged_params(alpha, training=False)
-        model = TaskModel(self.backbone, params).fit(support_x, support_y, ways)
-        model.alpha = alpha
-        return model
+        return TaskModel(self.backbone, params).fit(support_x, support_y, ways)
 
     def describe_task(self, support_x, support_y, ways):
         """The task's merging weights α (evaluation mode), for result rows and the routing dendrogram."""

@@ -92,6 +92,4 @@ class SoftMerge(Method):
         with torch.no_grad():
             alpha = self.routing_weights(support_x, support_y, ways)
             params = self.deltas.merge(self.pretrained_params(), alpha)
-        model = TaskModel(self.backbone, params).fit(support_x, support_y, ways)
-        model.alpha = alpha
-        return model
+        return TaskModel(self.backbone, params).fit(support_x, support_y, ways)
