@@ -421,7 +421,8 @@ def test_full_fine_tuning_carries_nothing_between_tasks_and_checkpointing_change
 
 
 @pytest.mark.parametrize("name, kwargs", [("pmf", {}), ("softmerge", {}), ("smat", {}),
-                                          ("smat", dict(teacher_reuses_query_pass=True))])
+                                          ("smat", dict(teacher_reuses_query_pass=True))],
+                         ids=["pmf", "softmerge", "smat", "smat_teacher_reuse"])
 def test_compiled_meta_training_steps_equal_the_eager_ones(name, kwargs, full_precision):
     """(With the teacher's step through the student's query pass, the compiled backward runs twice.)"""
     tasks = [random_task(size=16, seed=s) for s in range(2)]  # not the backbone's 32 px: position embeddings resampled
