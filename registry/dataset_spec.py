@@ -261,8 +261,14 @@ class HierarchicalDatasetSpecification(_SpecBase):
     def images_per_class(self):
         """{absolute class id: image count}, from the per-split leaf counts."""
         counts = {}
-        for split, by_wn in self.images_per_class_by_wn_id.items():
+        for split in Split:
+            by_wn = self.images_per_class_by_wn_id.get(split, {})
             for wn in self.leaves(split):
+                missing = [key for key, table in (("class_names", self.class_names_to_ids),
+                                                  (f"images_per_class.{split.value}", by_wn)) if wn not in table]
+                if missing:
+                    raise DataError(f"{self.name}: dataset_spec.json has no {missing[0]} entry for {wn}, a leaf "
+                                    f"of the {split.value} split; re-run the conversion")
                 counts[self.class_names_to_ids[wn]] = by_wn[wn]
         return counts
 
@@ -299,6 +305,9 @@ _KINDS = {
 
 def from_dict(d, where="dataset_spec.json"):
     """Rebuild the right spec kind from its ``"__class__"`` tag (the official ``as_dataset_spec`` hook)."""
+    if not isinstance(d, dict):
+        raise DataError(f"{where}: not a dataset spec (its top level is a JSON {type(d).__name__}, not an object); "
+                        "re-run the conversion")
     kind = d.get("__class__")
     if kind not in _KINDS:
         raise DataError(
@@ -306,8 +315,12 @@ def from_dict(d, where="dataset_spec.json"):
             "(is this a Meta-Dataset dataset_spec.json?)"
         )
     try:
-        return _KINDS[kind].from_dict(d)
-    except (KeyError, TypeError, ValueError) as err:
+        spec = _KINDS[kind].from_dict(d)
+        spec.classes_per_split, spec.images_per_class  # derived tables, checked here rather than at first use
+        return spec
+    except DataError:
+        raise
+    except (KeyError, TypeError, ValueError, AttributeError) as err:
         raise DataError(f"{where}: malformed {kind} ({type(err).__name__}: {err}); re-run the conversion") from None
 
 
@@ -330,7 +343,8 @@ def load_dataset_spec(path):
         d = json.loads(file.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise DataError(f"{file}: not valid JSON ({err}); re-run the conversion") from None
-    d["path"] = os.fspath(file.parent)
+    if isinstance(d, dict):
+        d["path"] = os.fspath(file.parent)
     return from_dict(d, where=os.fspath(file))
 
 

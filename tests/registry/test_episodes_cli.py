@@ -73,6 +73,42 @@ def test_missing_spec_names_the_file():
     assert "/nonexistent/source/dataset_spec.json: no such file" in result.stderr
 
 
+def _spec_with(tmp_path, source, edit):
+    """A copy of the conformance spec of ``source`` as ``edit(spec dict)`` returns it."""
+    d = json.loads((SHARED_PARENT / "shared/conformance/specs" / source / "dataset_spec.json").read_text())
+    (tmp_path / "dataset_spec.json").write_text(json.dumps(edit(d)))
+    return tmp_path
+
+
+def _without(d, *path):
+    """``d`` with the entry at ``path`` (keys, the last one removed) taken out."""
+    *tables, key = path
+    table = d
+    for name in tables:
+        table = table[name]
+    del table[key]
+    return d
+
+
+def _without_count_of_first_test_leaf(d):
+    test_leaves = sorted(n["wn_id"] for n in d["split_subgraphs"]["TEST"] if not n["children_ids"])
+    return _without(d, "images_per_class", "TEST", test_leaves[0])
+
+
+@pytest.mark.parametrize("source, edit, message", [
+    ("aircraft", lambda d: [d], "not a dataset spec (its top level is a JSON list"),
+    ("aircraft", lambda d: {**d, "classes_per_split": [70, 15, 15]}, "malformed DatasetSpecification (AttributeError"),
+    ("omniglot", lambda d: _without(d, "classes_per_superclass", "3"), "malformed BiLevelDatasetSpecification (KeyError: 3)"),
+    ("ilsvrc_2012", _without_count_of_first_test_leaf, "has no images_per_class.TEST entry for n"),
+    ("ilsvrc_2012", lambda d: _without(d, "class_names", "5"), "has no class_names entry for n"),
+], ids=["list", "wrong_type", "bilevel_missing_superclass", "dag_missing_count", "dag_missing_name"])
+def test_a_malformed_spec_is_one_error_naming_the_problem(tmp_path, source, edit, message):
+    """Checked when the spec loads, whichever split is sampled (here train; the DAG faults are in other splits)."""
+    result = run_cli("--spec", _spec_with(tmp_path, source, edit), "--split", "train", "--seed", 0, "--episodes", 1)
+    assert result.returncode == 2 and result.stdout == ""
+    assert message in result.stderr and "Traceback" not in result.stderr
+
+
 def test_every_config_field_has_a_flag_and_unset_flags_keep_the_defaults():
     parser = build_parser()
     base = ["--spec", "x", "--split", "test", "--seed", "0", "--episodes", "1"]
