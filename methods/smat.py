@@ -224,8 +224,8 @@ class SMAT(Method):
         routing_logits, alpha = self.routing(support_x, support_y, task.ways)
         params = self.merged_params(alpha, training=True)
         if self.support_step_lr:
-            head = prototypes(forward_features(self.backbone, params, support_x), support_y, task.ways)
-            params, head = self._support_step(params, head, support_x, support_y, task.ways)
+            support = forward_features(self.backbone, params, support_x)
+            params, head = self._support_step(params, support, prototypes(support, support_y, task.ways), support_y)
             query = forward_features(self.backbone, params, query_x)
         else:
             support, query = support_query_features(partial(forward_features, self.backbone, params), support_x, query_x,
@@ -270,20 +270,23 @@ class SMAT(Method):
         step.backward(penalty)
         return metrics
 
-    def _support_step(self, params, head, support_x, support_y, ways):
-        """The official code's first-order SGD step on the support CE (gradients treated as constants).
+    def _support_step(self, params, support, head, support_y):
+        """The official code's first-order SGD step on the support CE, from the support features
+        ``support`` = f_{θ_i}(x_s) and their prototypes ``head`` = c:
 
-        The step differentiates its own support pass, prototypes included (equal to ``head``), so the
-        graph behind ``head``, which the query loss goes back through, is left whole.
+            g = ∇_{θ_i, c̃} CE(cos(f_{θ_i}(x_s), c̃), y_s) at c̃ = stopgrad(c),   θ' = θ_i − lr·g_θ,   c' = c − lr·g_c̃
+
+        with g a constant (first order), so the query loss reaches θ_i through θ' and the support
+        features through c' (the official ProtoMAML re-attach). The gradient goes back through the
+        task's own support pass, whose graph is kept for the query loss. Tensors of θ_i without a
+        gradient (θ_pre where no expert sits) are not stepped.
         """
-        names = list(params)
-        features = forward_features(self.backbone, params, support_x)
-        step_head = prototypes(features, support_y, ways)
-        logits = cosine_logits(features, step_head)
-        grads = torch.autograd.grad(F.cross_entropy(logits, support_y), [params[n] for n in names] + [step_head],
-                                    allow_unused=True)
-        stepped = {n: p if g is None else p - self.support_step_lr * g.detach() for (n, p), g in zip(params.items(), grads)}
-        return stepped, head - self.support_step_lr * grads[-1].detach()
+        stepped = {n: p for n, p in params.items() if p.requires_grad}
+        fixed_head = head.detach().requires_grad_()
+        *grads, head_grad = grad_keeping_graph(F.cross_entropy(cosine_logits(support, fixed_head), support_y),
+                                               [*stepped.values(), fixed_head])
+        stepped = dict(zip(stepped, torch._foreach_add(list(stepped.values()), grads, alpha=-self.support_step_lr)))
+        return {**params, **stepped}, head - self.support_step_lr * head_grad
 
     def _teacher_logits(self, params, head, query_x, query_y, query=None):
         """Query logits of the dense teacher: K SGD steps on the query CE from stopgrad(θ_i, prototypes).

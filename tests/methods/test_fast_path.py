@@ -421,10 +421,11 @@ def test_full_fine_tuning_carries_nothing_between_tasks_and_checkpointing_change
 
 
 @pytest.mark.parametrize("name, kwargs", [("pmf", {}), ("softmerge", {}), ("smat", {}),
-                                          ("smat", dict(teacher_reuses_query_pass=True))],
-                         ids=["pmf", "softmerge", "smat", "smat_teacher_reuse"])
+                                          ("smat", dict(teacher_reuses_query_pass=True)), ("smat", dict(support_step_lr=0.1))],
+                         ids=["pmf", "softmerge", "smat", "smat_teacher_reuse", "smat_support_step"])
 def test_compiled_meta_training_steps_equal_the_eager_ones(name, kwargs, full_precision):
-    """(With the teacher's step through the student's query pass, the compiled backward runs twice.)"""
+    """(The teacher's step through the student's query pass and SMAT's support step go back through a
+    compiled pass twice.)"""
     tasks = [random_task(size=16, seed=s) for s in range(2)]  # not the backbone's 32 px: position embeddings resampled
     trained = {}
     for compiled in (False, True):

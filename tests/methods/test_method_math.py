@@ -166,20 +166,33 @@ def test_images_a_smat_task_passes_forward(backbone, variant, reuse, support_pas
     assert sum(passed) == support_passes * len(task.support_x) + query_passes * len(task.query_x)
 
 
-def test_support_step_is_one_first_order_sgd_step_and_meta_training_runs_with_it(backbone):
-    smat = create_method("smat", backbone=backbone, support_step_lr=0.1, tasks_per_step=1)
+@pytest.mark.parametrize("variant", ["default", "mlp_experts"])
+def test_support_step_is_the_official_first_order_step_and_meta_training_runs_with_it(backbone, variant):
+    """θ' = θ − lr·∂CE/∂θ with the prototypes held fixed (a fresh leaf, as the official code's head), c' =
+    c − lr·∂CE/∂c; tensors without experts (mlp_experts: θ_pre) stay as they are."""
+    smat = create_method("smat", backbone=backbone, variant=variant, support_step_lr=0.1, tasks_per_step=1)
     task = random_task()
-    params = {n: p.detach().clone().requires_grad_() for n, p in smat.pretrained_params().items()}
-    head = prototypes(forward_features(backbone, params, task.support_x), task.support_y, task.ways)
-    stepped, stepped_head = smat._support_step(params, head, task.support_x, task.support_y, task.ways)
-    loss = F.cross_entropy(cosine_logits(forward_features(backbone, params, task.support_x), head), task.support_y)
-    *grads, head_grad = torch.autograd.grad(loss, [*params.values(), head])
+    with torch.no_grad():
+        smat.deltas.delta.normal_(0, 0.02)
+    _, alpha = smat.routing(task.support_x, task.support_y, task.ways)
+    params = smat.merged_params(alpha, training=True)
+    support = forward_features(backbone, params, task.support_x)
+    head = prototypes(support, task.support_y, task.ways)
+    stepped, stepped_head = smat._support_step(params, support, head, task.support_y)
+
+    leaves = {n: p.detach().requires_grad_() for n, p in params.items()}
+    fixed = head.detach().requires_grad_()
+    loss = F.cross_entropy(cosine_logits(forward_features(backbone, leaves, task.support_x), fixed), task.support_y)
+    *grads, head_grad = torch.autograd.grad(loss, [*leaves.values(), fixed])
     for (name, p), g in zip(params.items(), grads):
-        torch.testing.assert_close(stepped[name], p - 0.1 * g, msg=name)
+        expected = p - 0.1 * g if p.requires_grad else p
+        torch.testing.assert_close(stepped[name], expected, msg=name)
+    frozen = [n for n, p in params.items() if not p.requires_grad]
+    assert len(frozen) == len(params) - len(smat.deltas.names) and bool(frozen) == (variant == "mlp_experts")
     torch.testing.assert_close(stepped_head, head - 0.1 * head_grad)
     smat.configure_training(2)
     before = smat.deltas.delta.detach().clone()
-    smat.meta_train_step([task])  # the query loss goes back through the head's support pass after the step
+    smat.meta_train_step([task])  # the query loss goes back through the support pass after the step
     assert not torch.equal(smat.deltas.delta, before)
 
 
