@@ -298,8 +298,7 @@ def full_joint(method, task, lr, generator, steps=50):
     """Fine-tune SMAT's hypernetwork, δ and mask logits jointly on the support set (θ_pre frozen)."""
     if lr == 0 or steps == 0:
         return protonet(method, task, lr, generator)
-    adapted = copy.deepcopy(method, memo={id(method.backbone): method.backbone})  # θ_pre is shared, not copied
-    adapted.eval()
+    adapted = method.task_copy().eval()
 
     def params():
         _, alpha = adapted.routing(task.support_x, task.support_y, task.ways)

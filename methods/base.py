@@ -18,6 +18,7 @@ accumulate-over-tasks / clip / step / schedule loop. The cosine ProtoNet head is
 with s = 10, b = 0 unless a method learns them (PMF).
 """
 
+import copy
 from contextlib import nullcontext
 from dataclasses import dataclass
 
@@ -184,9 +185,19 @@ class Method(nn.Module):
         self.optimizers, self.schedulers, self._clip = [], [], []
         self.register_buffer("steps", torch.zeros((), dtype=torch.long))
 
+    _transient = ("optimizers", "schedulers", "_clip")  # meta-training's state, which a task's copy needs none of
+
     @property
     def device(self):
         return next(self.backbone.parameters()).device
+
+    def task_copy(self):
+        """This method with its own copy of every learned tensor, for one task to fine-tune: the frozen
+        backbone θ_pre is shared, and the `_transient` state (meta-training's optimizers and schedulers,
+        caches the copy recomputes) is not copied: it is None in the copy."""
+        memo = {id(self.backbone): self.backbone}
+        memo.update((id(value), None) for name in self._transient if (value := getattr(self, name, None)) is not None)
+        return copy.deepcopy(self, memo)
 
     def pretrained_params(self):
         """θ_pre: the backbone's own parameters, by name (no copies)."""

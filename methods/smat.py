@@ -99,6 +99,8 @@ class SMAT(Method):
         tasks_per_step, warmup_fraction, min_lr: see `Method`.
     """
 
+    _transient = (*Method._transient, "_evaluation_gates")
+
     def __init__(self, backbone, variant="default", num_experts=8, target_sparsity=0.9, ce_weight=0.75,
                  kd_temperature=2.0, teacher_steps=1, teacher_lr=5e-3, teacher_reuses_query_pass=False,
                  support_step_lr=None, learned_sparsity=True, interpolated_experts=True, meta_split=True,

@@ -117,3 +117,25 @@ def test_smat_reports_its_experts_and_describes_each_task(mini_tasks):
     assert len(weights) == 3 and abs(sum(weights) - 1) < 1e-5
     assert create_method("pre", backbone=create_backbone(MINI_BACKBONE, pretrained=False)).describe_task(
         task.support_x, task.support_y, task.ways) == {}
+
+
+def test_a_task_copy_owns_the_learned_tensors_shares_the_backbone_and_leaves_training_state_behind(mini_tasks):
+    """`full_joint` fine-tunes a task copy: nothing of meta-training (optimizer state, cached N × M
+    evaluation gates) is copied with it, and fine-tuning the copy leaves the method as it was."""
+    smat = create_method("smat", backbone=create_backbone(MINI_BACKBONE, pretrained=False), num_experts=2,
+                         tasks_per_step=2)
+    smat.configure_training(4)
+    smat.meta_train_step(mini_tasks[:2])
+    smat.eval()
+    smat.evaluation_gates()
+    assert smat.optimizers and smat.optimizers[0].state and smat._evaluation_gates is not None
+    copied = smat.task_copy()
+    assert copied.backbone is smat.backbone
+    assert copied.optimizers is None and copied.schedulers is None and copied._evaluation_gates is None
+    assert copied.deltas.delta.data_ptr() != smat.deltas.delta.data_ptr()
+    torch.testing.assert_close(copied.deltas.delta, smat.deltas.delta)
+    before = smat.deltas.delta.detach().clone()
+    with torch.no_grad():
+        copied.deltas.delta.add_(1.0)
+    assert torch.equal(smat.deltas.delta, before) and smat.optimizers[0].state
+    torch.testing.assert_close(copied.evaluation_gates(), smat.evaluation_gates())  # recomputed from its own log α
