@@ -506,6 +506,22 @@ def strategies(series):
     return (smat if sources else []), sources
 
 
+@cache
+def table4_sources():
+    """The sources of the paper's Table 4 (five OOD sets), over which its Avg and Table 5's accuracy are taken."""
+    return {row for (table, row, _) in published_accuracy() if table == "table4"}
+
+
+def average_rows(sources):
+    """Avg rows of Table 4: "Avg" over the paper's Table 4 sources when all of them are among ``sources``
+    (the row the paper's Avg stands beside), and an average over all ``sources`` when they are others."""
+    paper = [s for s in sources if s in table4_sources()]
+    rows = [("Avg", tuple(paper))] if set(paper) == table4_sources() else []
+    if set(sources) != table4_sources():
+        rows.append((f"Avg, these {len(sources)} sources", tuple(sources)))
+    return rows
+
+
 def table4_paper_column(adaptation):
     """Published Table 4 numbers of one adapter; its Avg is Table 5's "Avg. Acc (Tab. 4)" where published."""
     column = paper_column("table4", TABLE4_LABELS[adaptation])
@@ -522,8 +538,9 @@ def strategies_table(series):
     if not smat:
         return skipped("table", "table4.md", title, f"no SMAT rows with {' or '.join(TABLE4_ADAPTERS)} on "
                        f"{PAPER_BENCHMARK} with {DINO}")
-    rows = [(s, (s,)) for s in sources] + [("Avg", tuple(sources))]
-    notes = ["(paper): Table 4 of the SMAT paper; its Avg is Table 5's average over the same five sources; no CI."]
+    rows = [(s, (s,)) for s in sources] + average_rows(sources)
+    notes = [f"(paper): Table 4 of the SMAT paper; its Avg is Table 5's average over its five sources "
+             f"({', '.join(sorted(table4_sources()))}), beside our Avg over the same five; no CI."]
     intro = (f"Benchmark `{PAPER_BENCHMARK}`, backbone `{DINO}`; rows: the sources where SMAT ran "
              f"{' or '.join(TABLE4_ADAPTERS)}.")
     return accuracy_product("table4.md", title, intro, smat, rows, lambda s: table4_paper_column(s.adaptation), notes)
@@ -536,6 +553,8 @@ def cost_table(series):
     if not smat:
         return skipped("table", "table5.md", title, f"no SMAT rows on {PAPER_BENCHMARK} with {DINO}")
     common = [name for name, _ in benchmark_sources(PAPER_BENCHMARK)[0] if all(name in s.cells for s in smat)]
+    paper_sources = table4_sources() <= set(common)  # the paper's accuracy is over its Table 4 sources
+    accuracy_sources = [name for name in common if name in table4_sources()] if paper_sources else common
     paper = published_table("cost").set_index("method")
     body = []
     for s in smat:
@@ -550,14 +569,17 @@ def cost_table(series):
             f"{published['seconds_per_task']:g}" if published is not None else "—",
             f"{memory.mean():.0f}" if len(memory) else "—",
             f"{published['gpu_memory_mib']:g}" if published is not None else "—",
-            format_cell(s.cell(common)) if common else "—",
-            f"{published['avg_accuracy_table4']:.2f}" if published is not None else "—",
+            format_cell(s.cell(accuracy_sources)) if accuracy_sources else "—",
+            f"{published['avg_accuracy_table4']:.2f}" if published is not None and paper_sources else "—",
             ", ".join(devices) or "—",
         ])
     header = ["Adapter", "Episodes", "Time (s/task)", "Time (paper)", "Peak GPU memory (MiB)", "GPU memory (paper)",
               "Avg accuracy", "Avg accuracy (paper)", "Device"]
+    accuracy_note = ("the paper's Table 4 sources" if paper_sources else
+                     "all of those (not the paper's Table 4 sources, so no paper figure beside it)")
     notes = [f"Over the episodes of the sources every adapter here ran: {', '.join(common) or 'none'}. Time: mean "
-             "seconds of adaptation + prediction per task; memory: mean peak GPU memory per task (— on CPU).",
+             "seconds of adaptation + prediction per task; memory: mean peak GPU memory per task (— on CPU); "
+             f"Avg accuracy: over {accuracy_note}.",
              STATS_NOTE, *marker_notes([row[6] for row in body], benchmark_sources(PAPER_BENCHMARK)[1]),
              "(paper): Table 5 of the SMAT paper (FP16; accuracy averaged over Table 4's five sources)."]
     intro = f"Benchmark `{PAPER_BENCHMARK}`, backbone `{DINO}`, SMAT (default)."
@@ -701,8 +723,12 @@ def render_readme(products, results, merge_runs=False):
     return "\n".join(lines).encode()
 
 
+GENERATED = ".generated"  # in ``--out``: the files the last generation wrote; the next removes those it does not write
+
+
 def write_results(run_dirs, out, merge_runs=False):
-    """Read ``run_dirs``, write every table, figure and the index into ``out``; return the paths written."""
+    """Read ``run_dirs``, write every table, figure and the index into ``out`` (removing those an earlier
+    generation wrote that this one does not; other files in ``out`` are left alone); return the paths written."""
     from benchmark.figures import render_figures  # the figure stage builds on this module's readers
 
     results = load_results(run_dirs)
@@ -710,12 +736,18 @@ def write_results(run_dirs, out, merge_runs=False):
     products.append(Product("index", "README.md", "Index", render_readme(products, results, merge_runs)))
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    manifest = out / GENERATED
+    previous = set(manifest.read_text().splitlines()) if manifest.exists() else set()
     written = []
     for product in products:
         if product.content is not None:
             (out / product.filename).write_bytes(product.content)
             written.append(out / product.filename)
-    return written
+    names = [product.filename for product in products if product.content is not None]
+    for stale in sorted(previous - set(names)):  # a table or figure of runs no longer given
+        (out / stale).unlink(missing_ok=True)
+    manifest.write_text("".join(f"{name}\n" for name in names))
+    return [*written, manifest]
 
 
 def build_parser():

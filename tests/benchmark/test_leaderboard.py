@@ -240,8 +240,9 @@ def test_table4_rows_are_the_sources_with_gradient_free_and_table5_reports_cost(
                     peak_memory_mib=300.0, device="NVIDIA H100 80GB HBM3")
     out = leaderboard(tmp_path, write_run(tmp_path / "run", protonet + free))
     strategies = table((out / "table4.md").read_text())
-    assert list(strategies) == ["cifar10", "mnist", "Avg"]
+    assert list(strategies) == ["cifar10", "mnist", "Avg, these 2 sources"]  # not the paper's five: no "Avg"
     assert strategies["mnist"]["SMAT+gradient-free (paper)"] == "94.63"
+    assert strategies["Avg, these 2 sources"]["SMAT+gradient-free (paper)"] == "—"
     cost = table((out / "table5.md").read_text())
     assert cost["SMAT"]["Time (s/task)"] == "0.50" and cost["SMAT"]["Peak GPU memory (MiB)"] == "100"
     assert cost["SMAT+gradient-free"]["Time (s/task)"] == "2.00" and cost["SMAT+gradient-free"]["Episodes"] == "6"
@@ -249,6 +250,24 @@ def test_table4_rows_are_the_sources_with_gradient_free_and_table5_reports_cost(
     per_source = [statistics.fmean(r["accuracy"] for r in free if r["source"] == s) for s in ("cifar10", "mnist")]
     assert numbers(cost["SMAT+gradient-free"]["Avg accuracy"])[0] == pytest.approx(
         100 * statistics.fmean(per_source), abs=0.006)
+    assert cost["SMAT+gradient-free"]["Avg accuracy (paper)"] == "—"  # the paper's is over its five sources
+
+
+def test_table4_and_table5_averages_beside_the_papers_are_over_its_five_sources(tmp_path):
+    """With every source run, "Avg" (and Table 5's accuracy) cover the paper's Table 4 sources only."""
+    five = {"traffic_sign", "mscoco", "cifar10", "cifar100", "mnist"}
+    base = dict(bench=PAPER, episodes=3, backbone=DINO, run_id="smat-default-md_paper-aaaa")
+    rows = run_rows(**base) + run_rows(**base, adaptation="gradient_free")
+    out = leaderboard(tmp_path, write_run(tmp_path / "run", rows))
+    strategies = table((out / "table4.md").read_text())
+    assert "Avg" in strategies and f"Avg, these {len(strategies) - 2} sources" in strategies
+    assert strategies["Avg"]["SMAT+gradient-free (paper)"] == "75.43"
+    chosen = [r for r in rows if r["adaptation"] == "gradient_free"]
+    paper_avg = statistics.fmean(statistics.fmean(r["accuracy"] for r in chosen if r["source"] == s) for s in five)
+    assert numbers(strategies["Avg"]["SMAT+gradient-free"])[0] == pytest.approx(100 * paper_avg, abs=0.006)
+    cost = table((out / "table5.md").read_text())
+    assert numbers(cost["SMAT+gradient-free"]["Avg accuracy"])[0] == pytest.approx(100 * paper_avg, abs=0.006)
+    assert cost["SMAT+gradient-free"]["Avg accuracy (paper)"] == "75.43"
 
 
 # --- paired comparisons ----------------------------------------------------------------------------------
@@ -317,6 +336,17 @@ def test_regeneration_is_byte_identical(tmp_path):
     assert names == sorted(p.name for p in second.iterdir()) and any(n.endswith(".png") for n in names)
     for name in names:
         assert (first / name).read_bytes() == (second / name).read_bytes(), name
+
+
+def test_regeneration_removes_what_it_no_longer_writes_and_nothing_else(tmp_path):
+    dirs = figure_runs(tmp_path)
+    first = {p.name for p in leaderboard(tmp_path, *dirs, out="out").iterdir()}
+    (tmp_path / "out" / "notes.txt").write_text("the user's own file")
+    out = leaderboard(tmp_path, dirs[-1], out="out")  # the PMF run only
+    second = {p.name for p in out.iterdir()}
+    assert second < first | {"notes.txt"} and "notes.txt" in second
+    assert second - {"notes.txt", ".generated"} == set((out / ".generated").read_text().split())
+    assert any(name.endswith(".png") for name in first - second)  # SMAT's figures are gone
 
 
 def test_figures_are_drawn_when_runs_hold_their_inputs(tmp_path, capsys):
