@@ -84,7 +84,7 @@ def choose_lr(method, adapter_name, data, source, grid, search_episodes, device,
     episodes = data.eval_episodes(source, split, seed=seed, num_episodes=search_episodes)
     adapter = get_adapter(adapter_name, method)
     best_lr, best_acc, scores = None, -1.0, {}
-    for lr in grid:
+    for lr in sorted(grid):  # ascending, so a tie keeps the smaller lr
         accs = [adapt_and_score(method, adapter, episodes[i], lr, device)[0] for i in range(search_episodes)]
         scores[str(lr)] = sum(accs) / len(accs)
         if scores[str(lr)] > best_acc:

@@ -87,6 +87,8 @@ def test_lr_search_picks_the_best_grid_value_and_keeps_it(data, tmp_path, monkey
     monkeypatch.setattr(evaluation, "adapt_and_score", lambda *a: pytest.fail("the kept choice is reused"))
     assert choose_lr(None, "full", data, "mini_shapes", (0.0, 1e-3, 1e-2), 2, "cpu", cache) == (lr, basis)
     assert json.loads(cache.read_text())["full/mini_shapes"]["accuracy_by_lr"] == {"0.0": 0.3, "0.001": 0.7, "0.01": 0.7}
+    monkeypatch.setattr(evaluation, "adapt_and_score", lambda m, a, e, lr, d, task=None: (scores[lr], 0.0, None))
+    assert choose_lr(None, "full", data, "mini_shapes", (1e-2, 1e-3, 0.0), 2, "cpu")[0] == 1e-3  # whatever the grid's order
 
 
 def rows_of(store):
