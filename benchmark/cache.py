@@ -7,7 +7,8 @@ uint8::
     CACHE_ROOT/<source>/<resize>-<s>/
         <class_id>.npy   uint8 N×3×s×s in C order; row i is record i of <class_id>.tfrecords
         cache.json       format, source, image_size, resize, the SHA-256 of the source's dataset_spec.json,
-                         and per class the record file's size in bytes and its record count
+                         and per class its record count and the record file's size, modification time
+                         and content fingerprint (`RecordFile.fingerprint`)
 
 Under ``center_crop`` (PIL output: integer grey levels) the cache is exact, so episodes read from it
 are bitwise those decoded from the records. Under ``squash`` (bilinear, ``align_corners``) grey levels
@@ -17,8 +18,12 @@ images are read and is not part of the cache.
 
 A build writes each class file atomically (``<class_id>.npy.tmp``, then a rename) and lists the classes
 done so far in ``cache.partial.json``, so an interrupted build resumes: a class is rebuilt unless its
-file has the right shape and its record file still has the size it had when the class was built.
-``cache.json`` is written last; a cache without it is not read.
+file has the right shape and its record file the content it had when the class was built (the
+fingerprint is recomputed only for a record file whose size or modification time changed).
+``cache.json`` is written last; a cache without it is not read. A cache is read only while every record
+file has the size and modification time it had when the cache was built, so a re-converted source is
+never served old pixels; copy records with their times (``rsync -a``, ``cp -p``) to keep a cache valid,
+or run the build again, which then decodes only the classes whose records changed in content.
 
 Reading needs no decoding and no mapping: image i of a class is ``s·s·3`` bytes at a fixed offset
 after the ``.npy`` header, so an episode reads each of its images with one positioned read straight
@@ -57,7 +62,7 @@ from registry.errors import DataError, exit_on_error
 
 __all__ = ["DECODED_ENV", "TOLERANCE", "DecodedCache", "DecodedSource", "build_source", "verify_source"]
 
-FORMAT = 1
+FORMAT = 2  # 2: per class, the record file's modification time and content fingerprint
 DECODED_ENV = "SMAT_BENCH_DECODED"
 META = "cache.json"
 PARTIAL = "cache.partial.json"  # the classes of an unfinished build; replaced by cache.json at its end
@@ -94,6 +99,15 @@ def _pixel_offset(path, shape):
         return None
     ok = tuple(stored_shape) == shape and not fortran_order and dtype == np.uint8 and complete
     return offset if ok else None
+
+
+def _file_state(path):
+    """{"bytes", "mtime_ns"} of the record file ``path``."""
+    try:
+        state = os.stat(path)
+    except FileNotFoundError:
+        raise DataError(f"{path}: no such record file; the decoded cache is checked against its records") from None
+    return {"bytes": state.st_size, "mtime_ns": state.st_mtime_ns}
 
 
 def _write_json(path, value):
@@ -173,7 +187,15 @@ class DecodedSource:
                 raise DataError(
                     f"{meta_file}: class {c} has {have} cached records, {spec_file} says {want}; {self.fix}"
                 )
-        self.classes = classes  # per class: {"bytes": record file size when built, "records": count}
+        for c in range(spec.num_classes):
+            path, entry = spec.class_path(c), classes[str(c)]
+            if _file_state(path) != {key: entry.get(key) for key in ("bytes", "mtime_ns")}:
+                raise DataError(
+                    f"{path} changed since {meta_file} was built (its size or modification time differs: "
+                    "re-converted, or copied without its times), so the cached pixels may not be its images; "
+                    f"{self.fix} (it decodes again only the classes whose records changed)"
+                )
+        self.classes = classes  # per class: record count, and the record file's size, mtime and fingerprint
         self._offsets = {}  # class id -> where its pixels start in its file, once the file is checked
 
     def class_path(self, class_id):
@@ -280,9 +302,12 @@ def build_source(cache, records, workers=1):
     built = {**_built_classes(directory / META, header), **_built_classes(directory / PARTIAL, header)}
     entries, todo = {}, {}
     for c in range(spec.num_classes):
-        entry = {"bytes": records.record_file(c).path.stat().st_size, "records": spec.get_total_images_per_class(c)}
+        record_file, before = records.record_file(c), built.get(str(c), {})
+        entry = {**_file_state(record_file.path), "records": spec.get_total_images_per_class(c)}
+        unchanged = all(before.get(key) == value for key, value in entry.items()) and "content" in before
+        entry["content"] = before["content"] if unchanged else record_file.fingerprint()
         present = _pixel_offset(directory / f"{c}.npy", _shape(entry["records"], preprocess)) is not None
-        if present and built.get(str(c)) == entry:
+        if present and all(before.get(key) == entry[key] for key in ("records", "content")):
             entries[str(c)] = entry
         else:
             todo[c] = entry
@@ -312,8 +337,9 @@ def build_source(cache, records, workers=1):
 def verify_source(cache, records, per_class=None):
     """Check the decoded cache of one source against its spec and records; return the one-line summary.
 
-    Checks ``cache.json`` against the spec (`DecodedSource`), every record file's size against the one
-    the cache was built from, every class file's shape, and re-decodes every record (or ``per_class``
+    Checks ``cache.json`` against the spec and the record files' sizes and times (`DecodedSource`), every
+    record file's content fingerprint against the one the cache was built from, every class file's
+    shape, and re-decodes every record (or ``per_class``
     random ones per class, drawn by a generator seeded with the class id): the cached pixels must equal
     `SourceRecords.pixels` under ``center_crop`` and be within 0.5 grey level of them under ``squash``.
 
@@ -327,9 +353,8 @@ def verify_source(cache, records, per_class=None):
     checked = total = 0
     for c in tqdm(range(spec.num_classes), desc=name, unit="class", disable=None):
         path = records.record_file(c).path
-        size, built = path.stat().st_size, decoded.classes[str(c)].get("bytes")
-        if size != built:
-            raise DataError(f"{path}: {size} bytes, but {decoded.class_path(c)} was built from {built}; {decoded.fix}")
+        if records.record_file(c).fingerprint() != decoded.classes[str(c)].get("content"):
+            raise DataError(f"{path}: its records are not those {decoded.class_path(c)} was built from; {decoded.fix}")
         n = decoded.records_in(c)
         if per_class is None:
             picked = np.arange(n)

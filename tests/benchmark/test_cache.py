@@ -1,5 +1,6 @@
 """The decoded cache gives the episodes of the records, resumes its build, and refuses to be stale."""
 
+import os
 import re
 import subprocess
 import sys
@@ -13,7 +14,7 @@ from conftest import png_bytes
 from benchmark.cache import DecodedCache, build_source, main, verify_source
 from benchmark.episodes import BenchmarkData, SourceRecords, episode_loader
 from benchmark.preprocess import IMAGENET_STD
-from benchmark.records import encode_example, write_records
+from benchmark.records import encode_example, iter_records, write_records
 from benchmark.run import build, parse_config
 from registry.catalog import Benchmark, Source
 from registry.errors import DataError
@@ -143,7 +144,9 @@ def _rewrite_class(path, class_id, count):
     [
         ("pixel", r"noise/center_crop-8/3\.npy: record 4 differs from record 4 of \S+/noise/3\.tfrecords by 1 grey "
                   r"levels \(allowed: 0\); delete \S+/3\.npy and "),
-        ("record_size", r"noise/2\.tfrecords: \d+ bytes, but \S+/noise/center_crop-8/2\.npy was built from \d+; "),
+        ("record_size", r"noise/2\.tfrecords changed since \S+/noise/center_crop-8/cache\.json was built \(its size "
+                        r"or modification time differs: re-converted, or copied without its times\), so the cached "
+                        r"pixels may not be its images; "),
         ("spec", r"noise/center_crop-8/cache\.json: built from another \S+/noise/dataset_spec\.json "
                  r"\(its SHA-256 changed\); "),
         ("missing", r"noise/center_crop-8/4\.npy: missing class file of the decoded cache of 'noise'; "),
@@ -178,6 +181,29 @@ def test_verify_names_the_first_fault_and_the_rebuild_that_fixes_it(fault, messa
         (directory / "3.npy").unlink()
     build_cache(benchmark, records_root, cache_root)
     assert "192 of 192" in verify_cache(benchmark, records_root, cache_root)
+
+
+def test_records_changed_after_the_build_are_never_served_from_the_cache(records_root, tmp_path):
+    """Reordered records (same count, same size) are refused until a build re-decodes their class; records
+    whose times alone changed (a copy without them) are refused until a build, which decodes nothing."""
+    benchmark, cache_root = toy_benchmark(), tmp_path / "decoded"
+    build_cache(benchmark, records_root, cache_root)
+    path = records_root / "noise" / "1.tfrecords"
+    payloads = list(iter_records(path))
+    write_records(path, reversed(payloads))
+    assert path.stat().st_size == sum(len(p) + 16 for p in payloads)
+    with pytest.raises(DataError, match=r"1\.tfrecords changed since .* " + re.escape(REBUILD)):
+        BenchmarkData(benchmark, records_root, decoded_cache=cache_root)
+    assert "(1 built, 15 up to date)" in build_cache(benchmark, records_root, cache_root)[0]
+    data = BenchmarkData(benchmark, records_root, decoded_cache=cache_root)
+    assert torch.equal(data.source("noise").decoded.pixels(1, [0]).float(),
+                       BenchmarkData(benchmark, records_root).source("noise").pixels(1, [0]))
+
+    os.utime(path, ns=(path.stat().st_atime_ns, path.stat().st_mtime_ns + 10**9))  # the same records, touched
+    with pytest.raises(DataError, match=r"1\.tfrecords changed since"):
+        BenchmarkData(benchmark, records_root, decoded_cache=cache_root)
+    assert "(0 built, 16 up to date)" in build_cache(benchmark, records_root, cache_root)[0]
+    BenchmarkData(benchmark, records_root, decoded_cache=cache_root)
 
 
 def _truncate(path, nbytes):
