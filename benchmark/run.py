@@ -39,7 +39,7 @@ from benchmark.evaluate import evaluate
 from benchmark.pretrain import pretrained_weights
 from benchmark.results import ResultsStore
 from methods import Task, create_backbone, create_method
-from methods.adapters import ADAPTERS
+from methods.adapters import ADAPTERS, get_adapter
 from registry.catalog import get_benchmark
 from registry.errors import DataError, exit_on_error
 
@@ -143,8 +143,12 @@ def _device_name(device):
     return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
 
 
-def build(config, out=None):
-    """Data, backbone, method, operative config and run directory of ``config``."""
+def build(config, out=None, checkpoint=None):
+    """Data, backbone, method, operative config and run directory of ``config``.
+
+    A run that evaluates a given ``checkpoint`` file has the file's SHA-256 in its config (and so its own
+    hash, run id and directory): its rows are never taken for those of another checkpoint.
+    """
     if config.method not in methods.list_methods():
         methods.method_class(config.method)  # raises with the close matches
     benchmark = get_benchmark(config.benchmark or "md_mini")
@@ -167,10 +171,33 @@ def build(config, out=None):
                 f"{distributed.world_size()} processes; bind it to a multiple of the process count"
             )
         torch.manual_seed(config.seed + 1_000 * distributed.rank())  # independent noise per process
-    text = gin.operative_config_str()
+    text = gin.operative_config_str() + _later_bindings()
+    if checkpoint is not None:
+        text += f"\n# Evaluated checkpoint (not trained by this run): sha256 {_file_sha256(checkpoint)}\n"
     digest = hashlib.sha256(text.encode()).hexdigest()
     directory = Path(out) if out else Path("runs") / f"{config.method}-{benchmark.name}-{digest[:10]}"
     return Run(config, data, method, directory, text, digest, device)
+
+
+def _file_sha256(path):
+    try:
+        with open(path, "rb") as f:
+            return hashlib.file_digest(f, "sha256").hexdigest()
+    except FileNotFoundError:
+        raise DataError(f"--checkpoint {path}: no such file") from None
+
+
+LATER_CONFIGURABLES = ("inference", "differentiable", "hard_concrete", "full", "lora", "gradient_free", "full_joint")
+
+
+def _later_bindings():
+    """Gin lines of the bindings of `LATER_CONFIGURABLES`, which a run first calls after its config is
+    written (gin's operative config lists only what has run), so that they too are in ``config.gin``
+    and its hash; '' when none is bound."""
+    lines = [f"{name}.{key} = {value!r}" for name in LATER_CONFIGURABLES
+             for key, value in sorted(gin.get_bindings(name, resolve_references=False).items())]
+    header = "# Parameters for adapters and fast-path switches (bound; used after this file is written):"
+    return "\n".join(["", header, *lines, ""]) if lines else ""
 
 
 def claim_directory(run):
@@ -275,11 +302,23 @@ def validate(run, episodes_per_source):
     return sum(accs) / len(accs) if accs else float("nan")
 
 
+def total_steps(run):
+    """Meta-updates of the whole run."""
+    return SMOKE["train_steps"] if run.config.smoke else math.ceil(run.config.train_episodes / run.method.tasks_per_step)
+
+
+def trained_steps(run):
+    """Meta-updates done so far (those of ``checkpoints/last.pt``; 0 without it), read without loading its tensors."""
+    last = run.directory / "checkpoints" / "last.pt"
+    return torch.load(last, map_location="cpu", weights_only=True, mmap=True)["step"] if last.exists() else 0
+
+
 def train(run):
-    """Meta-train from the last checkpoint (or the start), validating and checkpointing as configured."""
+    """Meta-train from the last checkpoint (or the start), validating and checkpointing as configured;
+    returns the checkpoint to evaluate, with the method's training state freed (`Method.end_training`)."""
     config, method = run.config, run.method
     tasks_per_step = method.tasks_per_step
-    total = SMOKE["train_steps"] if config.smoke else math.ceil(config.train_episodes / tasks_per_step)
+    total = total_steps(run)
     valid_episodes = SMOKE["valid_episodes"] if config.smoke else run.data.benchmark.valid_episodes
     last, best = run.directory / "checkpoints" / "last.pt", run.directory / "checkpoints" / "best.pt"
     method.configure_training(total)
@@ -296,6 +335,7 @@ def train(run):
         print(f"resuming {run.directory} at meta-update {step}/{total}", file=sys.stderr)
     log = MetricsLog(run.directory / "metrics.jsonl", step) if distributed.is_main() else None
     if step >= total:
+        method.end_training()
         return best if best.exists() else last
     stream = run.data.train_episodes(config.seed, (total - step) * tasks_per_step, start=step * tasks_per_step)
     mine = [i for i in range(len(stream)) if i % distributed.world_size() == distributed.rank()]
@@ -325,6 +365,7 @@ def train(run):
             save_checkpoint(last, run, step, best_valid)
     bar.close()
     distributed.barrier()
+    method.end_training()
     return best if best.exists() else last
 
 
@@ -343,19 +384,27 @@ def execute(args):
             raise DataError(f"--adapt {','.join(unknown)}: unknown adapter; choose from {', '.join(ADAPTERS)}")
         bindings.append(f"run.adapters = {tuple(names)!r}")
     config = parse_config(args.gin, bindings)
-    job = build(config, args.out)
+    checkpoint = Path(args.checkpoint) if args.checkpoint else None
+    job = build(config, args.out, checkpoint)
+    for name in config.adapters:
+        get_adapter(name, job.method)  # an adapter that does not apply fails now, not after meta-training
     claim_directory(job)
     print(f"run {job.run_id} in {job.directory} on {_device_name(job.device)}", file=sys.stderr)
-    checkpoint = Path(args.checkpoint) if args.checkpoint else None
     if args.stage in ("train", "all") and checkpoint is None and job.method.trains:
         checkpoint = train(job)
     if args.stage in ("eval", "all"):
         if checkpoint is not None:
             load_checkpoint(checkpoint, job)
         elif job.method.trains:
-            best = job.directory / "checkpoints" / "best.pt"
+            best, done, total = job.directory / "checkpoints" / "best.pt", trained_steps(job), total_steps(job)
             if not best.exists():
                 raise DataError(f"{job.directory}: no checkpoint to evaluate; run --stage train first or pass --checkpoint")
+            if done < total:
+                raise DataError(
+                    f"{job.directory}: meta-training stopped at update {done} of {total}, so its rows would not be "
+                    "those of the trained model; finish it (the same command with --stage all), or evaluate a "
+                    f"checkpoint as a run of its own with --checkpoint {best}"
+                )
             load_checkpoint(best, job)
         store = ResultsStore(job.directory / "episodes.jsonl")
         smoke = config.smoke

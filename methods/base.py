@@ -276,6 +276,14 @@ class Method(nn.Module):
         summary.update(extra, lr=self.optimizers[0].param_groups[0]["lr"])
         return summary
 
+    def end_training(self):
+        """Free what only meta-training holds (the last step's gradients, optimizer and scheduler state),
+        so that meta-testing runs in the same memory whether the method was trained in this process or
+        loaded from a checkpoint. `configure_training` builds the optimizers anew."""
+        for p in self.parameters():
+            p.grad = None
+        self.optimizers, self.schedulers, self._clip = [], [], []
+
     def accumulate_gradients(self, tasks, total_tasks):
         """Add ∇(L_i / ``total_tasks``) of every task to the parameters' ``.grad``, one backward per task
         (so one task's activations are alive at a time); returns the tasks' metrics (values as `task_loss`)."""

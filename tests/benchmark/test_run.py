@@ -87,12 +87,52 @@ def test_bad_input_exits_2_with_one_line(tmp_path, mini_root):
         (["--gin", "methods/smat.gin", "--bind", "smat.num_expert = 4"], "gin:"),
         (["--gin", "benchmark/setups/md_paper.gin", "--gin", "methods/pre.gin"], "SMAT_BENCH_RECORDS"),
         (["--gin", "methods/smat.gin", "--adapt", "fine"], "unknown adapter"),
+        (["--gin", "methods/pmf.gin", "--adapt", "gradient_free"], "needs SMAT's experts"),  # before meta-training
     ]:
         env = {k: v for k, v in os.environ.items() if k != "SMAT_BENCH_RECORDS"}
         result = cli(*args, "--smoke", "--out", str(tmp_path / "x"), env=env)
         assert result.returncode == 2, result.stderr
         last = result.stderr.strip().splitlines()[-1]
         assert last.startswith("python -m benchmark.run: error:") and message in last
+    assert not (tmp_path / "x").exists()
+
+
+def test_adapter_and_fast_path_bindings_are_part_of_the_run_config(mini_root):
+    """They are called only after config.gin is written, so gin's operative config alone would miss them."""
+    from benchmark.run import build
+
+    plain = build(parse_config(["methods/pmf.gin"], []))
+    assert "full.steps" not in plain.config_text
+    bound = build(parse_config(["methods/pmf.gin"], ["full.steps = 7", "inference.compile_backbone = False"]))
+    assert "full.steps = 7" in bound.config_text and "inference.compile_backbone = False" in bound.config_text
+    assert bound.config_hash != plain.config_hash and bound.directory != plain.directory
+
+
+def test_evaluating_an_unfinished_run_is_refused(tmp_path, mini_root, capsys):
+    main(["--gin", "methods/pmf.gin", "--smoke", "--stage", "train", "--out", str(tmp_path / "r")])
+    last = tmp_path / "r" / "checkpoints" / "last.pt"
+    state = torch.load(last, weights_only=True)
+    torch.save({**state, "step": 1}, last)  # as if training had stopped at update 1 of 2
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--gin", "methods/pmf.gin", "--smoke", "--stage", "eval", "--out", str(tmp_path / "r")])
+    assert exit_info.value.code == 2 and "meta-training stopped at update 1 of 2" in capsys.readouterr().err
+    assert not (tmp_path / "r" / "episodes.jsonl").exists()
+
+
+def test_a_given_checkpoint_is_evaluated_as_a_run_of_its_own(tmp_path, mini_root):
+    from benchmark.run import build, build_parser, execute
+
+    main(["--gin", "methods/pmf.gin", "--smoke", "--out", str(tmp_path / "trained")])
+    before = (tmp_path / "trained" / "episodes.jsonl").read_text()
+    checkpoint = tmp_path / "trained" / "checkpoints" / "best.pt"
+    args = ["--gin", "methods/pmf.gin", "--smoke", "--stage", "eval", "--checkpoint", str(checkpoint)]
+    with pytest.raises(DataError, match="another operative config"):  # not resumed as the trained run's rows
+        execute(build_parser().parse_args([*args, "--out", str(tmp_path / "trained")]))
+    assert (tmp_path / "trained" / "episodes.jsonl").read_text() == before
+    config = parse_config(["methods/pmf.gin"], ["run.smoke = True"])
+    assert build(config, checkpoint=checkpoint).config_hash != build(config).config_hash
+    main([*args, "--out", str(tmp_path / "evaluated")])
+    assert len(rows(tmp_path / "evaluated")) == len(rows(tmp_path / "trained"))
 
 
 RESUME_ARGS = ["--gin", "methods/smat.gin", "--bind", "run.train_episodes = 40", "--bind", "run.checkpoint_every = 2",

@@ -139,3 +139,16 @@ def test_a_task_copy_owns_the_learned_tensors_shares_the_backbone_and_leaves_tra
         copied.deltas.delta.add_(1.0)
     assert torch.equal(smat.deltas.delta, before) and smat.optimizers[0].state
     torch.testing.assert_close(copied.evaluation_gates(), smat.evaluation_gates())  # recomputed from its own log α
+
+
+def test_end_training_frees_gradients_and_optimizer_state(mini_tasks):
+    """Meta-testing after training in the same process holds no more memory than after loading a checkpoint."""
+    smat = create_method("smat", backbone=create_backbone(MINI_BACKBONE, pretrained=False), num_experts=2,
+                         tasks_per_step=2)
+    smat.configure_training(4)
+    smat.meta_train_step(mini_tasks[:2])
+    assert smat.masks.log_alpha.grad is not None and smat.optimizers[0].state
+    smat.end_training()
+    assert all(p.grad is None for p in smat.parameters()) and smat.optimizers == [] and smat.schedulers == []
+    with pytest.raises(RuntimeError, match="configure_training"):
+        smat.meta_train_step(mini_tasks[:2])
