@@ -436,9 +436,15 @@ def convert(name, raw_dir, records_root, workers=1):
         total = _write(raw, name, directory, workers)
         verify_source(directory)
         get_source(name).load_spec(staging)
+        replaced = staging / "replaced"  # deleted with the staging directory once the new copy is in place
         if final.exists() or final.is_symlink():
-            final.rename(staging / "replaced")  # deleted with the staging directory
-        directory.rename(final)
+            final.rename(replaced)
+        try:
+            directory.rename(final)
+        except BaseException:
+            if replaced.exists() or replaced.is_symlink():
+                replaced.rename(final)  # the old copy goes back
+            raise
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     splits = "/".join(str(raw.classes_per_split[s]) for s in Split)

@@ -401,6 +401,24 @@ def test_interrupted_rerun_keeps_the_existing_copy(tmp_path, monkeypatch):
     assert _files(tmp_path / "records" / "cifar10") == before
 
 
+def test_a_failed_swap_puts_the_existing_copy_back(tmp_path, monkeypatch):
+    raw, _, _ = write_cifar10(tmp_path / "raw", _sizes("cifar10"))
+    convert("cifar10", raw, tmp_path / "records")
+    before = _files(tmp_path / "records" / "cifar10")
+    rename = Path.rename
+
+    def failing(self, target):
+        if self.name == "cifar10" and self.parent.name.startswith(".cifar10.partial-"):  # the new copy moving in
+            raise OSError("planted failure")
+        return rename(self, target)
+
+    monkeypatch.setattr(Path, "rename", failing)
+    with pytest.raises(OSError, match="planted failure"):
+        convert("cifar10", raw, tmp_path / "records")
+    assert [p.name for p in (tmp_path / "records").iterdir()] == ["cifar10"]
+    assert _files(tmp_path / "records" / "cifar10") == before
+
+
 def test_rerun_replaces_the_existing_copy_as_a_whole(tmp_path):
     raw, _, _ = write_cifar10(tmp_path / "raw", _sizes("cifar10"))
     convert("cifar10", raw, tmp_path / "records")
