@@ -73,13 +73,16 @@ def search_basis(data, source, search_episodes):
 
 
 def choose_lr(method, adapter_name, data, source, grid, search_episodes, device, cache_file=None):
-    """(lr, basis) for ``adapter_name`` on ``source``: the grid value with the best mean validation accuracy."""
+    """(lr, basis) for ``adapter_name`` on ``source``: the grid value with the best mean validation accuracy.
+
+    With several processes every one searches (or reads the kept choice) and all take rank 0's choice,
+    so the rows of a source carry one lr even where GPU nondeterminism would break a tie differently."""
     if not searches_lr(adapter_name):
         return None, "no learning rate"
     key = f"{adapter_name}/{source}"
     cache = json.loads(Path(cache_file).read_text()) if cache_file and Path(cache_file).exists() else {}
     if key in cache:
-        return cache[key]["lr"], cache[key]["basis"]
+        return distributed.gather_objects((cache[key]["lr"], cache[key]["basis"]))[0]
     split, seed, basis = search_basis(data, source, search_episodes)
     episodes = data.eval_episodes(source, split, seed=seed, num_episodes=search_episodes)
     adapter = get_adapter(adapter_name, method)
@@ -95,7 +98,7 @@ def choose_lr(method, adapter_name, data, source, grid, search_episodes, device,
         tmp = Path(f"{cache_file}.tmp")
         tmp.write_text(json.dumps(cache, indent=1, sort_keys=True))
         os.replace(tmp, cache_file)
-    return best_lr, basis
+    return distributed.gather_objects((best_lr, basis))[0]
 
 
 def evaluate(method, data, adapters, store, run_info, device="cpu", lr_grid=DEFAULT_LR_GRID, search_episodes=5,

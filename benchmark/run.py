@@ -201,15 +201,19 @@ def _later_bindings():
 
 
 def claim_directory(run):
-    """Create the run directory, or check that an existing one was made by the same operative config."""
-    config_file = run.directory / "config.gin"
-    if not distributed.is_main():
-        distributed.barrier()  # rank 0 claims first
-        return
-    try:
-        _claim(run, config_file)
-    finally:
-        distributed.barrier()
+    """Create the run directory, or check that an existing one was made by the same operative config.
+
+    Rank 0 claims; a refusal is raised by every rank (the others would otherwise wait for it at the
+    next collective)."""
+    refusal = None
+    if distributed.is_main():
+        try:
+            _claim(run, run.directory / "config.gin")
+        except DataError as err:
+            refusal = str(err)
+    refusal = distributed.gather_objects(refusal)[0]
+    if refusal is not None:
+        raise DataError(refusal)
 
 
 def _claim(run, config_file):

@@ -176,11 +176,7 @@ def test_two_gloo_processes_train_and_evaluate_like_one(tmp_path, mini_root):
             "--bind", "run.test_episodes = 3", "--bind", "run.valid_every = 2"]
     single = cli(*args, "--out", str(tmp_path / "one"))
     assert single.returncode == 0, single.stderr
-    env = {**os.environ, "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29631"}
-    procs = [subprocess.Popen([sys.executable, "-m", "benchmark.run", *args, "--out", str(tmp_path / "two")], cwd=ROOT,
-                              env={**env, "RANK": str(r), "LOCAL_RANK": str(r)}, stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True) for r in range(2)]
-    outputs = [p.communicate(timeout=600) for p in procs]
+    procs, outputs = two_processes(*args, "--out", str(tmp_path / "two"), port=29631)
     assert all(p.returncode == 0 for p in procs), outputs
     one = torch.load(tmp_path / "one" / "checkpoints" / "last.pt", weights_only=True)
     two = torch.load(tmp_path / "two" / "checkpoints" / "last.pt", weights_only=True)
@@ -191,3 +187,18 @@ def test_two_gloo_processes_train_and_evaluate_like_one(tmp_path, mini_root):
     rows_one, rows_two = sorted(rows(tmp_path / "one"), key=key), sorted(rows(tmp_path / "two"), key=key)
     assert [key(r) for r in rows_one] == [key(r) for r in rows_two] and len(rows_two) == 6 * 3
     assert [r["accuracy"] for r in rows_one] == pytest.approx([r["accuracy"] for r in rows_two], abs=0.02)
+    assert len({(r["source"], r["lr"]) for r in rows_two}) == len({r["source"] for r in rows_two})
+    # a refused run directory stops both processes (the second one used to wait for the first)
+    procs, outputs = two_processes(*args, "--bind", "run.test_episodes = 2", "--out", str(tmp_path / "two"), port=29632,
+                                   timeout=300)
+    assert all(p.returncode == 2 and "holds a run with another operative config" in err
+               for p, (_, err) in zip(procs, outputs)), outputs
+
+
+def two_processes(*args, port, timeout=600):
+    """(processes, their (stdout, stderr)) of ``python -m benchmark.run ARGS`` as two gloo processes."""
+    env = {**os.environ, "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+    procs = [subprocess.Popen([sys.executable, "-m", "benchmark.run", *args], cwd=ROOT,
+                              env={**env, "RANK": str(r), "LOCAL_RANK": str(r)}, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for r in range(2)]
+    return procs, [p.communicate(timeout=timeout) for p in procs]
