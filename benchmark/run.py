@@ -121,6 +121,7 @@ class Run:
     config_text: str
     config_hash: str
     device: torch.device
+    trained_code_version: str | None = None  # the code version that wrote the evaluated checkpoint
 
     @property
     def variant(self):
@@ -135,7 +136,8 @@ class Run:
 
     def row_info(self):
         return dict(run_id=self.run_id, method=self.config.method, variant=self.variant, backbone=self.config.backbone,
-                    config_hash=self.config_hash, code_version=code_version(), smoke=self.config.smoke,
+                    config_hash=self.config_hash, code_version=code_version(),
+                    trained_code_version=self.trained_code_version, smoke=self.config.smoke,
                     device=_device_name(self.device))
 
 
@@ -236,7 +238,7 @@ def _claim(run, config_file):
 def save_checkpoint(path, run, step, best_valid, with_training_state=True):
     """Atomically write the method and (optionally) everything needed to continue training."""
     state = dict(format=CHECKPOINT_FORMAT, method=run.config.method, variant=run.variant, config_hash=run.config_hash,
-                 step=step, best_valid=best_valid, model=run.method.state_dict())
+                 code_version=code_version(), step=step, best_valid=best_valid, model=run.method.state_dict())
     if with_training_state:
         rng = distributed.gather_objects(
             (torch.get_rng_state(), torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []))
@@ -250,7 +252,8 @@ def save_checkpoint(path, run, step, best_valid, with_training_state=True):
 
 
 def load_checkpoint(path, run):
-    """The checkpoint at ``path`` (``weights_only``), checked to belong to this run's method."""
+    """The checkpoint at ``path`` (``weights_only``), checked to belong to this run's method, loaded into it;
+    the code version that wrote it becomes the run's ``trained_code_version``."""
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
@@ -268,6 +271,7 @@ def load_checkpoint(path, run):
         run.method.load_state_dict(state["model"])
     except RuntimeError as err:
         raise DataError(f"{path}: its tensors do not fit this model ({' '.join(str(err).split())[:300]})") from None
+    run.trained_code_version = state.get("code_version")
     return state
 
 

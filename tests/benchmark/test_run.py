@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from benchmark.run import main, parse_config
+from benchmark.run import code_version, main, parse_config
 from registry.errors import DataError
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -30,6 +30,8 @@ def test_every_method_gin_file_runs_as_a_smoke_job_on_the_mini_benchmark(gin_fil
     written = rows(tmp_path / "run")
     assert len(written) == 6 * 2 and all(r["smoke"] is True and r["benchmark"] == "md_mini" for r in written)
     assert (tmp_path / "run" / "config.gin").read_text().count("run.method") == 1
+    trained = {written[0]["code_version"]} if "pre.gin" not in gin_file else {None}  # Pre is not trained
+    assert {r["trained_code_version"] for r in written} == trained
     assert "ID avg (protonet)" in capsys.readouterr().out
 
 
@@ -73,6 +75,7 @@ def test_checkpoints_load_with_weights_only(tmp_path, mini_root):
     main(["--gin", "methods/smat.gin", "--smoke", "--stage", "train", "--out", str(tmp_path / "r")])
     state = torch.load(tmp_path / "r" / "checkpoints" / "last.pt", weights_only=True)
     assert state["step"] == 2 and "lagrange_multipliers" in state["model"] and len(state["training"]["optimizers"]) == 3
+    assert state["code_version"] == code_version()
     assert len(state["torch_rng"]) == 1 and state["torch_rng"][0].dtype == torch.uint8
 
 
