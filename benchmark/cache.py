@@ -270,10 +270,12 @@ def _built_classes(path, header):
     """The per-class entries of the ``cache.json`` or ``cache.partial.json`` at ``path``.
 
     Only a file written for the same source, resize and size counts (whatever its spec); {} otherwise.
+    Entries of format 1 have no content fingerprint; their record file's size stands for it (what a
+    format-1 build checked), so upgrading a cache decodes only the classes whose records changed size.
     """
     try:
         meta = json.loads(path.read_text())
-        same = all(meta[key] == header[key] for key in ("format", "source", "image_size", "resize"))
+        same = meta["format"] in (1, FORMAT) and all(meta[key] == header[key] for key in ("source", "image_size", "resize"))
         return dict(meta["classes"]) if same else {}
     except (OSError, ValueError, TypeError, KeyError):
         return {}
@@ -307,7 +309,11 @@ def build_source(cache, records, workers=1):
         unchanged = all(before.get(key) == value for key, value in entry.items()) and "content" in before
         entry["content"] = before["content"] if unchanged else record_file.fingerprint()
         present = _pixel_offset(directory / f"{c}.npy", _shape(entry["records"], preprocess)) is not None
-        if present and all(before.get(key) == entry[key] for key in ("records", "content")):
+        if "content" in before:
+            same_content = before["content"] == entry["content"]
+        else:  # a format-1 entry: the record file's size stood for its content
+            same_content = before.get("bytes") == entry["bytes"]
+        if present and before.get("records") == entry["records"] and same_content:
             entries[str(c)] = entry
         else:
             todo[c] = entry

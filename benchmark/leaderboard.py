@@ -539,8 +539,9 @@ def strategies_table(series):
         return skipped("table", "table4.md", title, f"no SMAT rows with {' or '.join(TABLE4_ADAPTERS)} on "
                        f"{PAPER_BENCHMARK} with {DINO}")
     rows = [(s, (s,)) for s in sources] + average_rows(sources)
+    beside = "beside our Avg over the same five" if "Avg" in dict(rows) else "not shown: these runs lack some of them"
     notes = [f"(paper): Table 4 of the SMAT paper; its Avg is Table 5's average over its five sources "
-             f"({', '.join(sorted(table4_sources()))}), beside our Avg over the same five; no CI."]
+             f"({', '.join(sorted(table4_sources()))}), {beside}; no CI."]
     intro = (f"Benchmark `{PAPER_BENCHMARK}`, backbone `{DINO}`; rows: the sources where SMAT ran "
              f"{' or '.join(TABLE4_ADAPTERS)}.")
     return accuracy_product("table4.md", title, intro, smat, rows, lambda s: table4_paper_column(s.adaptation), notes)

@@ -296,9 +296,9 @@ STEP_VARIANTS = {  # label: (method, gin bindings), timed beside the PMF and SMA
     "smat_compiled_gates": ("smat", {"hard_concrete.compile_gates": True}),
     "pmf_compiled_training": ("pmf", {"differentiable.compile_backbone": True}),
     "smat_compiled_training": ("smat", {"differentiable.compile_backbone": True}),
-    "smat_teacher_reuse": ("smat", {"smat.teacher_reuses_query_pass": True}),
+    "smat_teacher_reuse": ("smat", {"dense_teacher.reuse_query_pass": True}),
     "smat_compiled_training_teacher_reuse": ("smat", {"differentiable.compile_backbone": True,
-                                                      "smat.teacher_reuses_query_pass": True}),
+                                                      "dense_teacher.reuse_query_pass": True}),
 }
 
 
@@ -384,9 +384,8 @@ def measure_step(args, device):
     figures = {}
     for label, (name, bindings) in _variants(["pmf", "smat"], STEP_VARIANTS).items():
         torch.manual_seed(0)
-        with _bound(label, bindings):  # a variant may bind the method's own arguments
-            method = create_method(name, backbone=create_backbone(args.backbone, pretrained=False),
-                                   tasks_per_step=args.tasks).to(device)
+        method = create_method(name, backbone=create_backbone(args.backbone, pretrained=False),
+                               tasks_per_step=args.tasks).to(device)
         method.configure_training(10 * args.repeats + 10)
 
         def step():

@@ -11,6 +11,7 @@ Recipe: AdamW (lr 1e-3, weight decay 0.05), batch 64, ``steps`` steps with a cos
 benchmark's preprocessing plus random horizontal flips.
 """
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -47,8 +48,9 @@ def pretrained_weights(data, backbone_name, steps):
     sources = [s.name for s in data.benchmark.pretrain_sources]
     if not sources:
         raise ValueError(f"benchmark '{data.benchmark.name}' has no pretrain_sources to pre-train {backbone_name} on")
-    key = json.dumps(dict(backbone=backbone_name, sources=sources, steps=steps, root=str(data.records_root), **RECIPE),
-                     sort_keys=True)
+    preprocess = [dataclasses.asdict(data.source(name).preprocess) for name in sources]  # what the images look like
+    key = json.dumps(dict(backbone=backbone_name, sources=sources, preprocess=preprocess, steps=steps,
+                          root=str(data.records_root), **RECIPE), sort_keys=True)
     digest = hashlib.sha256(key.encode()).hexdigest()[:12]
     path = Path(data.records_root) / "backbones" / f"{backbone_name}-pretrain-{digest}.safetensors"
     if path.exists():

@@ -189,15 +189,16 @@ def _file_sha256(path):
         raise DataError(f"--checkpoint {path}: no such file") from None
 
 
-LATER_CONFIGURABLES = ("inference", "differentiable", "hard_concrete", "full", "lora", "gradient_free", "full_joint")
+LATER_CONFIGURABLES = ("inference", "differentiable", "hard_concrete", "dense_teacher", "full", "lora", "gradient_free",
+                       "full_joint")
 
 
 def _later_bindings():
     """Gin lines of the bindings of `LATER_CONFIGURABLES`, which a run first calls after its config is
     written (gin's operative config lists only what has run), so that they too are in ``config.gin``
     and its hash; '' when none is bound."""
-    lines = [f"{name}.{key} = {value!r}" for name in LATER_CONFIGURABLES
-             for key, value in sorted(gin.get_bindings(name, resolve_references=False).items())]
+    lines = [f"{name}.{key} = {value!r}" for name in LATER_CONFIGURABLES  # macros resolved to their values
+             for key, value in sorted(gin.get_bindings(name).items())]
     header = "# Parameters for adapters and fast-path switches (bound; used after this file is written):"
     return "\n".join(["", header, *lines, ""]) if lines else ""
 
@@ -211,7 +212,7 @@ def claim_directory(run):
     if distributed.is_main():
         try:
             _claim(run, run.directory / "config.gin")
-        except DataError as err:
+        except (DataError, OSError) as err:
             refusal = str(err)
     refusal = distributed.gather_objects(refusal)[0]
     if refusal is not None:

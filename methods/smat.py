@@ -32,6 +32,7 @@ Ablations of Table 2 are data, `VARIANTS`: each is a set of constructor override
 
 from functools import partial
 
+import gin
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -54,6 +55,16 @@ VARIANTS = {  # Table 2 rows 1–5 (row 6 is PMF)
 }
 
 
+@gin.configurable("dense_teacher", module="methods")
+def teacher_reuses_query_pass(reuse_query_pass=False):
+    """The fast-path switch ``dense_teacher.reuse_query_pass``: True, the student passes the support and
+    the query separately and the dense teacher's first step goes back through the student's query pass
+    instead of passing the query itself (`SMAT._teacher_logits`): the same gradient, one forward pass
+    over the query fewer per task, one more backward graph. Off until ``python -m benchmark.perf step``
+    has timed it on a GPU."""
+    return reuse_query_pass
+
+
 def distillation_loss(student_logits, teacher_logits, temperature):
     """T² · KL(softmax(teacher / T) ‖ softmax(student / T)), averaged over examples (Hinton et al., 2015)."""
     return F.kl_div(
@@ -74,10 +85,6 @@ class SMAT(Method):
         ce_weight: β of L = β·CE + (1 − β)·KD.
         kd_temperature: T of the distillation.
         teacher_steps, teacher_lr: K and the SGD step of the dense teacher.
-        teacher_reuses_query_pass: True: the student passes the support and the query separately, and
-            the teacher's first step goes back through the student's query pass instead of passing the
-            query itself (the same gradient; one forward pass over the query fewer, one more backward
-            graph per task). Off until ``python -m benchmark.perf step`` has timed it on a GPU.
         support_step_lr: if set, the official code's first-order SGD step on the support CE before the
             query loss (its value there: 1e-3); None (default) follows the paper.
         learned_sparsity: False: no masks or sparsity constraint; experts sit on the MLP layers only.
@@ -102,8 +109,7 @@ class SMAT(Method):
     _transient = (*Method._transient, "_evaluation_gates")
 
     def __init__(self, backbone, variant="default", num_experts=8, target_sparsity=0.9, ce_weight=0.75,
-                 kd_temperature=2.0, teacher_steps=1, teacher_lr=5e-3, teacher_reuses_query_pass=False,
-                 support_step_lr=None, learned_sparsity=True, interpolated_experts=True, meta_split=True,
+                 kd_temperature=2.0, teacher_steps=1, teacher_lr=5e-3, support_step_lr=None, learned_sparsity=True, interpolated_experts=True, meta_split=True,
                  dense_teacher=True, delta_lr=1e-4, delta_momentum=0.9, delta_weight_decay=1e-4, mask_lr=1.0,
                  lagrangian_lr=5.0, router_lr=1e-4, router_weight_decay=1e-2, router_clip=1.0, temperature_start=5.0,
                  temperature_end=0.5, temperature_anneal_fraction=0.36, mask_init_std=0.5, routing_logit_l2=1e-4,
@@ -113,8 +119,7 @@ class SMAT(Method):
         super().__init__(backbone, tasks_per_step, warmup_fraction, min_lr)
         settings = {**locals(), **VARIANTS[variant]}
         for key in ("variant", "target_sparsity", "ce_weight", "kd_temperature", "teacher_steps", "teacher_lr",
-                    "teacher_reuses_query_pass", "support_step_lr", "learned_sparsity", "meta_split", "dense_teacher",
-                    "delta_lr", "delta_momentum", "delta_weight_decay", "mask_lr", "lagrangian_lr", "router_lr",
+                    "support_step_lr", "learned_sparsity", "meta_split", "dense_teacher", "delta_lr", "delta_momentum", "delta_weight_decay", "mask_lr", "lagrangian_lr", "router_lr",
                     "router_weight_decay", "router_clip", "temperature_start", "temperature_end",
                     "temperature_anneal_fraction", "routing_logit_l2", "sparsity_measure"):
             setattr(self, key, settings[key])
@@ -225,21 +230,21 @@ class SMAT(Method):
             support_y = query_y = torch.cat([support_y, query_y])
         routing_logits, alpha = self.routing(support_x, support_y, task.ways)
         params = self.merged_params(alpha, training=True)
+        reuse = self.dense_teacher and teacher_reuses_query_pass()
         if self.support_step_lr:
             support = forward_features(self.backbone, params, support_x)
             params, head = self._support_step(params, support, prototypes(support, support_y, task.ways), support_y)
             query = forward_features(self.backbone, params, query_x)
         else:
             support, query = support_query_features(partial(forward_features, self.backbone, params), support_x, query_x,
-                                                    joint=not (self.dense_teacher and self.teacher_reuses_query_pass))
+                                                    joint=not reuse)
             head = prototypes(support, support_y, task.ways)
         student = cosine_logits(query, head)
         ce = F.cross_entropy(student, query_y)
         metrics = {"query_ce": ce.detach(), **query_metrics(student.detach(), query_y)}
         loss = ce
         if self.dense_teacher:
-            reusable = query if self.teacher_reuses_query_pass else None
-            teacher = self._teacher_logits(params, head, query_x, query_y, reusable)
+            teacher = self._teacher_logits(params, head, query_x, query_y, query if reuse else None)
             kd = distillation_loss(student, teacher, self.kd_temperature)
             loss = self.ce_weight * ce + (1 - self.ce_weight) * kd
             metrics.update(kd=kd.detach(), teacher_acc=query_metrics(teacher, query_y)["query_acc"])

@@ -309,7 +309,7 @@ def from_dict(d, where="dataset_spec.json"):
         raise DataError(f"{where}: not a dataset spec (its top level is a JSON {type(d).__name__}, not an object); "
                         "re-run the conversion")
     kind = d.get("__class__")
-    if kind not in _KINDS:
+    if not isinstance(kind, str) or kind not in _KINDS:
         raise DataError(
             f"{where}: '__class__' is {kind!r}; expected one of {', '.join(_KINDS)} "
             "(is this a Meta-Dataset dataset_spec.json?)"

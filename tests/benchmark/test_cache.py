@@ -1,5 +1,6 @@
 """The decoded cache gives the episodes of the records, resumes its build, and refuses to be stale."""
 
+import json
 import os
 import re
 import subprocess
@@ -204,6 +205,19 @@ def test_records_changed_after_the_build_are_never_served_from_the_cache(records
         BenchmarkData(benchmark, records_root, decoded_cache=cache_root)
     assert "(0 built, 16 up to date)" in build_cache(benchmark, records_root, cache_root)[0]
     BenchmarkData(benchmark, records_root, decoded_cache=cache_root)
+
+
+def test_a_format_1_cache_is_upgraded_by_a_build_that_decodes_nothing(records_root, tmp_path):
+    benchmark, cache_root = toy_benchmark(), tmp_path / "decoded"
+    build_cache(benchmark, records_root, cache_root)
+    meta_file = cache_root / "noise" / "center_crop-8" / "cache.json"
+    meta = json.loads(meta_file.read_text())
+    old = {**meta, "format": 1, "classes": {c: {"bytes": e["bytes"], "records": e["records"]} for c, e in meta["classes"].items()}}
+    meta_file.write_text(json.dumps(old))
+    with pytest.raises(DataError, match=r"format is 1, expected 2; " + re.escape(REBUILD)):
+        BenchmarkData(benchmark, records_root, decoded_cache=cache_root)
+    assert "(0 built, 16 up to date)" in build_cache(benchmark, records_root, cache_root)[0]
+    assert json.loads(meta_file.read_text()) == meta
 
 
 def _truncate(path, nbytes):

@@ -109,6 +109,8 @@ def test_adapter_and_fast_path_bindings_are_part_of_the_run_config(mini_root):
     bound = build(parse_config(["methods/pmf.gin"], ["full.steps = 7", "inference.compile_backbone = False"]))
     assert "full.steps = 7" in bound.config_text and "inference.compile_backbone = False" in bound.config_text
     assert bound.config_hash != plain.config_hash and bound.directory != plain.directory
+    macro = [build(parse_config(["methods/pmf.gin"], [f"STEPS = {n}", "full.steps = %STEPS"])) for n in (3, 4)]
+    assert "full.steps = 3" in macro[0].config_text and macro[0].config_hash != macro[1].config_hash
 
 
 def test_evaluating_an_unfinished_run_is_refused(tmp_path, mini_root, capsys):

@@ -23,6 +23,7 @@ from methods.adapters import _support_loss, get_adapter, seeded_generator, split
 from methods.backbones import _DERIVED, compiles
 from methods.base import autocast, cosine_logits, forward_features, inference_features, prototypes
 from methods.experts import BETA, GAMMA, ZETA
+import methods.smat
 from methods.smat import distillation_loss
 
 DEVICE = torch.device(os.environ.get("SMAT_BENCH_TEST_DEVICE", "cpu"))
@@ -203,11 +204,12 @@ def test_lora_without_model_copies_equals_a_peft_wrapped_deep_copy():
 
 @pytest.mark.parametrize("variant, reuse", [("default", False), ("default", True), ("no_meta_split", True),
                                             ("no_interpolated_experts", False), ("mlp_experts", True)])
-def test_smat_step_gradients_equal_one_plain_graph_per_task(variant, reuse, full_precision):
+def test_smat_step_gradients_equal_one_plain_graph_per_task(variant, reuse, full_precision, monkeypatch):
     """The deferred expert gradient, the once-per-step penalty and (``reuse``) the teacher's step through
     the student's query pass against one plain graph per task (per-tensor merge, separate support and
     query passes, a teacher with passes of its own), in fp32 on every device."""
-    method = trained_like("smat", variant=variant, teacher_reuses_query_pass=reuse)
+    monkeypatch.setattr(methods.smat, "teacher_reuses_query_pass", lambda: reuse)
+    method = trained_like("smat", variant=variant)
     method.configure_training(10)
     method.train()
     method.lagrange_multipliers.copy_(torch.linspace(0.1, 0.8, len(method.lagrange_multipliers)))
@@ -420,10 +422,11 @@ def test_full_fine_tuning_carries_nothing_between_tasks_and_checkpointing_change
     assert_same_predictions(checkpointed, alone)
 
 
-@pytest.mark.parametrize("name, kwargs", [("pmf", {}), ("softmerge", {}), ("smat", {}),
-                                          ("smat", dict(teacher_reuses_query_pass=True)), ("smat", dict(support_step_lr=0.1))],
-                         ids=["pmf", "softmerge", "smat", "smat_teacher_reuse", "smat_support_step"])
-def test_compiled_meta_training_steps_equal_the_eager_ones(name, kwargs, full_precision):
+@pytest.mark.parametrize("name, kwargs, bindings", [
+    ("pmf", {}, {}), ("softmerge", {}, {}), ("smat", {}, {}), ("smat", {}, {"dense_teacher.reuse_query_pass": True}),
+    ("smat", dict(support_step_lr=0.1), {"dense_teacher.reuse_query_pass": True})],
+    ids=["pmf", "softmerge", "smat", "smat_teacher_reuse", "smat_support_step_teacher_reuse"])
+def test_compiled_meta_training_steps_equal_the_eager_ones(name, kwargs, bindings, full_precision):
     """(The teacher's step through the student's query pass and SMAT's support step go back through a
     compiled pass twice.)"""
     tasks = [random_task(size=16, seed=s) for s in range(2)]  # not the backbone's 32 px: position embeddings resampled
@@ -432,7 +435,8 @@ def test_compiled_meta_training_steps_equal_the_eager_ones(name, kwargs, full_pr
         method = trained_like(name, **kwargs)
         method.configure_training(10)
         with gin.unlock_config():
-            gin.bind_parameter("differentiable.compile_backbone", compiled)
+            for key, value in {"differentiable.compile_backbone": compiled, **bindings}.items():
+                gin.bind_parameter(key, value)
         try:
             torch.manual_seed(5)  # the same gate and routing noise
             for _ in range(2):

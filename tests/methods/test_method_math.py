@@ -2,6 +2,7 @@
 
 import math
 
+import gin
 import pytest
 import torch
 import torch.nn.functional as F
@@ -153,16 +154,19 @@ def test_teacher_through_the_students_query_pass_equals_a_teacher_with_its_own(b
     ("default", False, 2, 3), ("default", True, 2, 2), ("mlp_experts", True, 2, 3), ("no_dense_teacher", True, 2, 1)])
 def test_images_a_smat_task_passes_forward(backbone, variant, reuse, support_passes, query_passes):
     """Routing (θ_pre) and the student pass the support; the student, the teacher's step and the teacher
-    after its step pass the query. With ``teacher_reuses_query_pass`` the step goes back through the
+    after its step pass the query. With ``dense_teacher.reuse_query_pass`` the step goes back through the
     student's query pass instead, unless a tensor of θ_i has no gradient there (experts on the MLPs only)."""
-    smat = create_method("smat", backbone=backbone, num_experts=2, variant=variant, teacher_reuses_query_pass=reuse)
+    smat = create_method("smat", backbone=backbone, num_experts=2, variant=variant)
     task = random_task(seed=6)
     passed = []
     hook = backbone.patch_embed.register_forward_hook(lambda module, args, out: passed.append(len(args[0])))
+    with gin.unlock_config():
+        gin.bind_parameter("dense_teacher.reuse_query_pass", reuse)
     try:
         smat.task_loss(task)
     finally:
         hook.remove()
+        gin.clear_config()
     assert sum(passed) == support_passes * len(task.support_x) + query_passes * len(task.query_x)
 
 

@@ -97,11 +97,12 @@ def _without_count_of_first_test_leaf(d):
 
 @pytest.mark.parametrize("source, edit, message", [
     ("aircraft", lambda d: [d], "not a dataset spec (its top level is a JSON list"),
+    ("aircraft", lambda d: {**d, "__class__": [d["__class__"]]}, "'__class__' is ['DatasetSpecification']; expected"),
     ("aircraft", lambda d: {**d, "classes_per_split": [70, 15, 15]}, "malformed DatasetSpecification (AttributeError"),
     ("omniglot", lambda d: _without(d, "classes_per_superclass", "3"), "malformed BiLevelDatasetSpecification (KeyError: 3)"),
     ("ilsvrc_2012", _without_count_of_first_test_leaf, "has no images_per_class.TEST entry for n"),
     ("ilsvrc_2012", lambda d: _without(d, "class_names", "5"), "has no class_names entry for n"),
-], ids=["list", "wrong_type", "bilevel_missing_superclass", "dag_missing_count", "dag_missing_name"])
+], ids=["list", "class_list", "wrong_type", "bilevel_missing_superclass", "dag_missing_count", "dag_missing_name"])
 def test_a_malformed_spec_is_one_error_naming_the_problem(tmp_path, source, edit, message):
     """Checked when the spec loads, whichever split is sampled (here train; the DAG faults are in other splits)."""
     result = run_cli("--spec", _spec_with(tmp_path, source, edit), "--split", "train", "--seed", 0, "--episodes", 1)
