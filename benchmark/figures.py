@@ -201,17 +201,20 @@ def role_sources(benchmark, role):
 
 
 def tradeoff_point(series, tau, experts):
-    """(ID Avg, OOD Avg, τ, M) of a SMAT ProtoNet series in percent; None without both averages."""
+    """(ID Avg, OOD Avg, τ, M) of a SMAT ProtoNet series in percent; None unless both averages cover all
+    their sources (a run still evaluating, or one that stopped, is not a point)."""
     id_cell = series.cell(role_sources(series.benchmark, "id"))
     ood_cell = series.cell(role_sources(series.benchmark, "ood"))
-    return (100 * id_cell.mean, 100 * ood_cell.mean, tau, experts) if id_cell and ood_cell else None
+    whole = id_cell and ood_cell and not (id_cell.partial or ood_cell.partial)
+    return (100 * id_cell.mean, 100 * ood_cell.mean, tau, experts) if whole else None
 
 
 def tradeoff_figures(results):
-    """Fig. 3 products, one per (benchmark, backbone) with SMAT ProtoNet runs whose config.gin names τ and M."""
+    """Fig. 3 products, one per (benchmark, backbone) with SMAT ProtoNet runs (the default variant; the
+    Table 2 ablations are not points of its τ/M trade-off) whose config.gin names τ and M."""
     groups, lacking = {}, []
     for s in results.series(merge_runs=False):
-        if (s.method, s.adaptation) != ("smat", "protonet"):
+        if (s.method, s.variant, s.adaptation) != ("smat", "default", "protonet"):
             continue
         config = results.run_dirs[s.run_ids[0]] / "config.gin"
         text = config.read_text() if config.is_file() else ""
@@ -231,8 +234,8 @@ def tradeoff_figures(results):
     if lacking or not products:
         runs = f"SMAT run(s) {', '.join(lacking)} left out" if lacking else "no SMAT run with ProtoNet rows"
         products.append(skipped("figure", "fig3_tradeoff__*.png", "SMAT ID vs OOD trade-off (Fig. 3)",
-                                f"{runs}: a point needs ProtoNet rows on ID and OOD sources and smat.target_sparsity "
-                                "and smat.num_experts in the run's config.gin"))
+                                f"{runs}: a point needs ProtoNet rows on every ID and OOD source and "
+                                "smat.target_sparsity and smat.num_experts in the run's config.gin"))
     return products
 
 

@@ -362,6 +362,23 @@ def test_figures_are_drawn_when_runs_hold_their_inputs(tmp_path, capsys):
     assert sorted(Path(p).name for p in printed) == sorted(p.name for p in out.iterdir())
 
 
+def test_fig3_points_are_default_smat_runs_over_every_source(tmp_path, monkeypatch):
+    """A Table 2 ablation is no point of the τ/M trade-off; a run that lacks a source's rows is named, not drawn."""
+    from benchmark import figures
+
+    drawn = []
+    plot = figures.plot_tradeoff
+    monkeypatch.setattr(figures, "plot_tradeoff", lambda points, heading: drawn.append(points) or plot(points, heading))
+    config = "run.method = 'smat'\nsmat.num_experts = 8\nsmat.target_sparsity = 0.7\n"
+    ablation = run_rows(run_id="smat-no_dense_teacher-md_mini-dddd", variant="no_dense_teacher")
+    partial = run_rows(run_id="smat-default-md_mini-eeee", sources={s.name for s in MINI.test_sources[1:]})
+    out = leaderboard(tmp_path, *figure_runs(tmp_path), write_run(tmp_path / "runs" / "ablation", ablation, config),
+                      write_run(tmp_path / "runs" / "partial", partial, config))
+    assert [sorted((tau, m) for *_, tau, m in points) for points in drawn] == [[(0.5, 8), (0.9, 4)]]
+    (note,) = [line for line in (out / "README.md").read_text().splitlines() if "fig3_tradeoff__*.png" in line]
+    assert "smat-default-md_mini-eeee left out" in note and "dddd" not in note
+
+
 def test_figures_are_skipped_with_a_note_when_runs_lack_their_inputs(tmp_path):
     out = leaderboard(tmp_path, write_run(tmp_path / "run", run_rows()))
     assert not list(out.glob("*.png"))
