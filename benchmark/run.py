@@ -381,8 +381,9 @@ def train(run):
 # --- the command --------------------------------------------------------------------------------------
 
 
-def execute(args):
-    """What ``python -m benchmark.run`` does with parsed arguments; returns the run directory."""
+def run_bindings(args):
+    """The gin bindings of a parsed command line: the ``--bind`` values, then ``--smoke`` and ``--adapt`` as
+    bindings of ``run``. An unknown adapter raises DataError."""
     bindings = list(args.bind)
     if args.smoke:
         bindings.append("run.smoke = True")
@@ -392,7 +393,12 @@ def execute(args):
         if unknown:
             raise DataError(f"--adapt {','.join(unknown)}: unknown adapter; choose from {', '.join(ADAPTERS)}")
         bindings.append(f"run.adapters = {tuple(names)!r}")
-    config = parse_config(args.gin, bindings)
+    return bindings
+
+
+def execute(args):
+    """What ``python -m benchmark.run`` does with parsed arguments; returns the run directory."""
+    config = parse_config(args.gin, run_bindings(args))
     checkpoint = Path(args.checkpoint) if args.checkpoint else None
     job = build(config, args.out, checkpoint)
     for name in config.adapters:

@@ -121,12 +121,14 @@ def _describe(parameters, local):
 
 
 def _failure(job):
-    """The last line of a failed job's error (the exception), or its state."""
+    """The exception a failed job ended with (the last line of its trace), or its state."""
     try:
         job.results()
     except Exception as err:  # noqa: BLE001 - submitit's FailedJobError / UncompletedJobError
-        lines = [line for line in str(err).splitlines() if line.strip()]
-        return lines[-1].strip() if lines else type(err).__name__
+        lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+        rules = [i for i, line in enumerate(lines) if set(line) == {"-"}]  # submitit rules off the trace
+        trace = lines[rules[0] + 1 : rules[1]] if len(rules) >= 2 else lines
+        return trace[-1] if trace else type(err).__name__
     return None
 
 
@@ -145,11 +147,12 @@ def submit(argv):
             than a node has, or sbatch refused the job; nothing was submitted.
     """
     from benchmark.run import build_parser as run_parser
+    from benchmark.run import run_bindings
 
     args = build_parser().parse_args(argv)
     forwarded = run_argv(argv, cluster_parser())
     run_args = run_parser().parse_args(forwarded)
-    check_config(run_args.gin, run_args.bind)
+    check_config(run_args.gin, run_bindings(run_args))
     run_dir = Path(args.out).absolute() if args.out else None
     if run_dir is not None:
         forwarded += ["--out", str(run_dir)]

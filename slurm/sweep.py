@@ -187,6 +187,7 @@ def submit(argv):
             refused the array; nothing was submitted.
     """
     from benchmark.run import build_parser as run_parser
+    from benchmark.run import run_bindings
 
     args = build_parser().parse_args(argv)
     if not args.out:
@@ -204,7 +205,7 @@ def submit(argv):
     points = points_of(grid)
     for point in points:
         gin_files = base_args.gin + [str(v) for n, v in point.items() if n == GIN]
-        bindings = base_args.bind + [f"{n} = {v!r}" for n, v in point.items() if n != GIN]
+        bindings = run_bindings(base_args) + [f"{n} = {v!r}" for n, v in point.items() if n != GIN]
         try:
             check_config(gin_files, bindings)
         except DataError as err:
@@ -428,7 +429,9 @@ def main(argv=None):
             path, manifest = wait(path) if args.wait else status(path)
     print(summary(path, manifest))
     sys.stdout.flush()
-    if (args.wait or getattr(args, "local", False)) and failed(manifest):
+    ran_to_the_end = args.wait or getattr(args, "local", False) or (
+        getattr(args, "resubmit_failed", None) and manifest["cluster"] == "local")  # local points run to their end
+    if ran_to_the_end and failed(manifest):
         raise SystemExit(1)
     return path
 

@@ -112,6 +112,20 @@ def test_local_launch_runs_the_job_on_this_machine_without_a_cluster(tmp_path, m
     assert Path(job.paths.stdout).parent == out / "submitit"
 
 
+def test_a_failed_local_job_names_its_exception_and_a_local_resubmission_reports_failure(tmp_path, mini_root, capsys):
+    cuda = ["--gin", "methods/pre.gin", "--smoke", "--bind", "run.device = 'cuda:7'", "--local"]  # no such GPU here
+    with pytest.raises(SystemExit) as exit_info:
+        launch.main([*cuda, "--out", str(tmp_path / "run"), "--wait"])
+    (line,) = [line for line in capsys.readouterr().err.splitlines() if " failed: " in line]
+    assert exit_info.value.code == 1 and "Error" in line and "_log." not in line, line  # the exception, not a log path
+    with pytest.raises(SystemExit) as exit_info:
+        sweep.main([*cuda, "--grid", "run.seed=[0]", "--out", str(tmp_path / "sweep")])
+    assert exit_info.value.code == 1
+    with pytest.raises(SystemExit) as exit_info:  # run here again, and failed again
+        sweep.main(["--resubmit-failed", str(tmp_path / "sweep" / sweep.MANIFEST)])
+    assert exit_info.value.code == 1
+
+
 def test_checkpoint_requeues_a_fresh_job_with_the_same_command():
     argv = ["--gin", "methods/smat.gin", "--out", "/runs/x"]
     job = BenchmarkJob()
@@ -192,6 +206,8 @@ def test_bad_requests_are_refused_before_anything_is_submitted(cluster, tmp_path
         (sweep.main, [*SMOKE_SMAT, "--grid", "smat.num_expert=[4, 8]"], "doesn't have a parameter named 'num_expert'"),
         (sweep.main, [*SMOKE_SMAT, "--grid", "smat.num_experts=[4, 8]", "--partition", "nope"], "no such partition"),
         (sweep.main, [*SMOKE_SMAT, "--grid", "smat.num_experts=[4, 8]", "--gpus-per-node", "9"], "has no node with 9"),
+        (launch.main, [*SMOKE_SMAT, "--adapt", "bogus"], "--adapt bogus: unknown adapter"),
+        (sweep.main, [*SMOKE_SMAT, "--grid", "smat.num_experts=[4, 8]", "--adapt", "bogus"], "unknown adapter"),
     ]
     for i, (main, argv, message) in enumerate(cases):
         out = tmp_path / f"case{i}"
