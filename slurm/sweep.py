@@ -45,7 +45,8 @@ MANIFEST = "sweep.json"
 FORMAT = 1
 GIN = "gin"  # the grid key that varies a gin file
 ACTIVE = {"PENDING", "RUNNING", "REQUEUED", "REQUEUE_FED", "REQUEUE_HOLD", "RESV_DEL_HOLD", "COMPLETING",
-          "CONFIGURING", "RESIZING", "SUSPENDED", "SIGNALING", "STAGE_OUT", "PREEMPTED", "READY", "UNKNOWN"}
+          "CONFIGURING", "RESIZING", "SUSPENDED", "SIGNALING", "STAGE_OUT", "READY", "UNKNOWN"}
+ASK_SQUEUE = {"UNKNOWN", "PREEMPTED"}  # sacct's answer alone is not final: squeue says whether the job is still held
 POLL_S = 2.0
 
 
@@ -295,7 +296,8 @@ def _states(manifest, entries):
     """Each entry's state: its result file when there is one, else sacct, else squeue (slurm) or the process (local).
 
     A job neither sacct nor squeue knows and that left no result ended without one (an array element
-    cancelled while pending has no accounting record at all): ``LOST``, a failure.
+    cancelled while pending has no accounting record at all): ``LOST``, a failure. A job sacct calls
+    ``PREEMPTED`` is active while squeue holds it (requeued), else it ended: a failure.
     """
     states = {}
     unresolved = []
@@ -314,10 +316,12 @@ def _states(manifest, entries):
         watcher.update()
         for job_id in unresolved:
             states[job_id] = (watcher.get_state(job_id, mode="cache") or "UNKNOWN").split()[0]
-        unknown = [job_id for job_id in unresolved if states[job_id] == "UNKNOWN"]
-        if unknown:  # sacct lags about a second behind slurmctld, and lacks some jobs entirely
-            held = _squeue_states(unknown)
-            states.update({job_id: held.get(job_id, "LOST").split()[0] for job_id in unknown})
+        unsure = [job_id for job_id in unresolved if states[job_id] in ASK_SQUEUE]
+        if unsure:  # sacct lags about a second behind slurmctld and lacks some jobs entirely
+            held = _squeue_states(unsure)
+            for job_id in unsure:
+                ended = "LOST" if states[job_id] == "UNKNOWN" else states[job_id]  # PREEMPTED and not requeued
+                states[job_id] = held.get(job_id, ended).split()[0]
     elif unresolved:  # local: the job's process id
         for job_id in unresolved:
             try:

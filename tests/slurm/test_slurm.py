@@ -126,6 +126,31 @@ def test_a_failed_local_job_names_its_exception_and_a_local_resubmission_reports
     assert exit_info.value.code == 1
 
 
+def test_a_preempted_job_is_active_while_requeued_and_failed_once_it_is_not(tmp_path, monkeypatch):
+    """sacct says PREEMPTED both for a job submitit requeued and one preemption cancelled: squeue decides."""
+    import submitit.slurm.slurm
+
+    class Watcher:  # sacct's view: both jobs preempted
+        def register_job(self, job_id):
+            pass
+
+        def update(self):
+            pass
+
+        def get_state(self, job_id, mode):
+            return "PREEMPTED"
+
+    monkeypatch.setattr(submitit.slurm.slurm, "SlurmInfoWatcher", Watcher)
+    monkeypatch.setattr(sweep, "_squeue_states", lambda job_ids: {"11": "PENDING"})  # job 11 was requeued
+    manifest = {"folder": str(tmp_path), "cluster": "slurm",
+                "points": [{"job_id": "11", "status": None}, {"job_id": "12", "status": None}]}
+    states = sweep._states(manifest, manifest["points"])
+    assert states == {"11": "PENDING", "12": "PREEMPTED"}
+    for entry in manifest["points"]:
+        entry["status"] = states[entry["job_id"]]
+    assert [e["job_id"] for e in sweep.failed(manifest)] == ["12"]
+
+
 def test_checkpoint_requeues_a_fresh_job_with_the_same_command():
     argv = ["--gin", "methods/smat.gin", "--out", "/runs/x"]
     job = BenchmarkJob()
