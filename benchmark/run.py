@@ -102,9 +102,12 @@ def code_version():
                                capture_output=True, text=True, check=True).stdout.strip()
         return commit + ("+dirty" if dirty else "")
     except (OSError, subprocess.CalledProcessError):
-        from importlib.metadata import version
+        from importlib.metadata import PackageNotFoundError, version
 
-        return f"smat-bench {version('smat-bench')}"
+        try:
+            return f"smat-bench {version('smat-bench')}"
+        except PackageNotFoundError:
+            return "unknown (neither a git checkout nor an installed package)"
 
 
 # --- building the run --------------------------------------------------------------------------------
@@ -400,6 +403,8 @@ def execute(args):
     """What ``python -m benchmark.run`` does with parsed arguments; returns the run directory."""
     config = parse_config(args.gin, run_bindings(args))
     checkpoint = Path(args.checkpoint) if args.checkpoint else None
+    if checkpoint is not None and args.stage == "train":
+        raise DataError("--checkpoint names a checkpoint to evaluate, not to train from: use --stage eval (or all)")
     job = build(config, args.out, checkpoint)
     for name in config.adapters:
         get_adapter(name, job.method)  # an adapter that does not apply fails now, not after meta-training

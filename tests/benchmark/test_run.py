@@ -91,6 +91,7 @@ def test_bad_input_exits_2_with_one_line(tmp_path, mini_root):
         (["--gin", "benchmark/setups/md_paper.gin", "--gin", "methods/pre.gin"], "SMAT_BENCH_RECORDS"),
         (["--gin", "methods/smat.gin", "--adapt", "fine"], "unknown adapter"),
         (["--gin", "methods/pmf.gin", "--adapt", "gradient_free"], "needs SMAT's experts"),  # before meta-training
+        (["--gin", "methods/pmf.gin", "--stage", "train", "--checkpoint", "x.pt"], "not to train from"),
     ]:
         env = {k: v for k, v in os.environ.items() if k != "SMAT_BENCH_RECORDS"}
         result = cli(*args, "--smoke", "--out", str(tmp_path / "x"), env=env)
