@@ -26,12 +26,14 @@ of the same configuration; they have no CI.
 
 Runs. A configuration is (benchmark, backbone, method, variant, adaptation). Each run (``run_id``)
 of a configuration is its own column, labelled with a short run id when the configuration has
-several; ``--merge-runs`` makes one column per configuration whose per-episode accuracy is the mean
-over its runs, so n still counts episodes. Output is deterministic: the same rows give byte-identical
+several; ``--merge-runs`` makes one column of the runs of a configuration whose ``config.gin`` differ
+at most in ``run.seed`` (a sweep's other points stay apart), its per-episode accuracy the mean over
+those runs, so n still counts episodes. Output is deterministic: the same rows give byte-identical
 files.
 """
 
 import argparse
+import hashlib
 import json
 import math
 import re
@@ -191,8 +193,9 @@ class Results:
     repeated_rows: int = 0
 
     def series(self, merge_runs=False):
-        """The columns of every table: one `Series` per configuration and run (per configuration if merged)."""
-        keys = list(CONFIG_KEYS) if merge_runs else [*CONFIG_KEYS, "run_id"]
+        """The columns of every table: one `Series` per configuration and run (merged: per configuration
+        and settings, `run_settings`)."""
+        keys = [*CONFIG_KEYS, "settings" if merge_runs else "run_id"]
         found = [Series(*key[:5], rows=group) for key, group in self.rows.groupby(keys, sort=True)]
         for _, same in groupby(found, key=lambda s: s.config):
             same = list(same)
@@ -200,6 +203,16 @@ class Results:
                 for series, label in zip(same, short_run_ids([s.run_ids[0] for s in same])):
                     series.run_label = label
         return found
+
+
+def run_settings(run_dir):
+    """A digest of the run's ``config.gin`` without its ``run.seed`` line: runs merged into one column
+    must share it (runs without a config.gin share '')."""
+    path = Path(run_dir) / "config.gin"
+    if not path.is_file():
+        return ""
+    kept = [line for line in path.read_text().splitlines() if not re.match(r"\s*run\.seed\s*=", line)]
+    return hashlib.sha256("\n".join(kept).encode()).hexdigest()[:12]
 
 
 def load_results(paths):
@@ -218,6 +231,7 @@ def load_results(paths):
     frame = frame.astype({"seed": "int64", "episode": "int64", "accuracy": "float64", "seconds": "float64",
                           "peak_memory_mib": "float64"})
     unique = frame.drop_duplicates(subset=list(DEDUP_KEYS), keep="first").reset_index(drop=True)
+    unique["settings"] = unique["run_id"].map({run_id: run_settings(d) for run_id, d in run_dirs.items()})
     return Results(unique, run_dirs, smoke, len(frame) - len(unique))
 
 

@@ -134,15 +134,18 @@ def test_repeated_rows_are_counted_once(tmp_path):
 def test_runs_of_one_configuration_are_separate_columns_unless_merged(tmp_path):
     first = run_rows(run_id="smat-default-md_mini-aaaa")
     second = run_rows(run_id="smat-default-md_mini-bbbb", accuracy=lambda i, e: (e % 4) / 4)
-    dirs = write_run(tmp_path / "a", first), write_run(tmp_path / "b", second)
+    other = run_rows(run_id="smat-default-md_mini-cccc")  # another τ: a sweep point, never merged with the seeds
+    config = "run.method = 'smat'\nrun.seed = {}\nsmat.target_sparsity = {}\n"
+    dirs = (write_run(tmp_path / "a", first, config.format(0, 0.9)), write_run(tmp_path / "b", second, config.format(1, 0.9)),
+            write_run(tmp_path / "c", other, config.format(0, 0.5)))
     apart = table((leaderboard(tmp_path, *dirs, out="apart") / MINI_TABLE).read_text())
     assert {"SMAT [aaaa]", "SMAT [bbbb]"} <= set(apart["mini_shapes"]) and "SMAT" not in apart["mini_shapes"]
     assert numbers(apart["mini_glyphs"]["SMAT [bbbb]"]) == pytest.approx(
         expected(accuracies(second, "mini_glyphs")), abs=0.006)
     merged = table((leaderboard(tmp_path, *dirs, out="merged", merge=True) / MINI_TABLE).read_text())
     per_episode = [(a + b) / 2 for a, b in zip(accuracies(first, "mini_glyphs"), accuracies(second, "mini_glyphs"))]
-    assert list(merged["mini_glyphs"]) == ["SMAT"]
-    assert numbers(merged["mini_glyphs"]["SMAT"]) == pytest.approx(expected(per_episode), abs=0.006)
+    assert set(merged["mini_glyphs"]) == {"SMAT [aaaa]", "SMAT [cccc]"}  # the seeds merged; τ = 0.5 apart
+    assert numbers(merged["mini_glyphs"]["SMAT [aaaa]"]) == pytest.approx(expected(per_episode), abs=0.006)
 
 
 def test_cells_with_fewer_episodes_than_declared_are_marked(tmp_path):
