@@ -126,6 +126,7 @@ def evaluate(method, data, adapters, store, run_info, device="cpu", lr_grid=DEFA
     cuda = torch.device(device).type == "cuda"  # pinned episodes, non-blocking copies
     for source in bench.test_sources:
         episodes = data.eval_episodes(source.name, Split.TEST, num_episodes=num_episodes)
+        described = {}  # episode -> what the method adds to its rows (the same for every adapter)
         for adapter_name in adapters:
             adapter = get_adapter(adapter_name, method)
             lr, basis = choose_lr(method, adapter_name, data, source.name, lr_grid, search_episodes, device, lr_cache)
@@ -141,8 +142,10 @@ def evaluate(method, data, adapters, store, run_info, device="cpu", lr_grid=DEFA
                     episode = next(loader)
                     task = Task.from_episode(episode, device)
                     accuracy, seconds, peak = adapt_and_score(method, adapter, episode, lr, device, task)
+                    if episode.id.episode not in described:
+                        described[episode.id.episode] = method.describe_task(task.support_x, task.support_y, task.ways)
                     row = {
-                        **method.describe_task(task.support_x, task.support_y, task.ways),
+                        **described[episode.id.episode],
                         **run_info, "adaptation": adapter_name, "benchmark": bench.name, "source": source.name,
                         "role": source.role, "split": "test", "seed": episode.id.seed, "episode": episode.id.episode,
                         "ways": episode.ways, "support": len(episode.support_labels),

@@ -136,3 +136,18 @@ def test_interrupted_evaluation_resumes_without_duplicates(data, tmp_path, monke
 def test_confidence_interval_uses_ddof_zero():
     mean, ci = mean_ci([0.5, 0.7, 0.9])
     assert mean == pytest.approx(0.7) and ci == pytest.approx(1.96 * 0.163299 / 3**0.5, rel=1e-5)
+
+
+def test_routing_is_described_once_per_episode_whatever_the_adapters(data, tmp_path, monkeypatch):
+    """SMAT's routing weights (a θ_pre pass over the support) depend on the episode, not on the adapter."""
+    method = smat()
+    described, describe = [], method.describe_task
+    monkeypatch.setattr(method, "describe_task", lambda *args: described.append(1) or describe(*args))
+    store = ResultsStore(tmp_path / "episodes.jsonl")
+    evaluate(method, data, ["protonet", "gradient_free"], store, RUN_INFO, num_episodes=2, progress=False,
+             lr_grid=(0.0,), search_episodes=1)
+    assert len(store.rows) == 2 * 6 * 2 and len(described) == 6 * 2
+    by_episode = {}
+    for row in store.rows:
+        by_episode.setdefault((row["source"], row["episode"]), []).append(row["routing_weights"])
+    assert all(weights[0] == weights[1] and len(weights) == 2 for weights in by_episode.values())
