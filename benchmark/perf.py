@@ -290,15 +290,15 @@ ADAPTER_VARIANTS = {  # label: (adapter, gin bindings): the default adapters wit
     "full_grad_checkpointing": ("full", {"full.grad_checkpointing": True}),
     "full_eager": ("full", {"full.compile_backbone": False}),
 }
-STEP_VARIANTS = {  # label: (method, gin bindings), timed beside the PMF and SMAT steps
-    "smat_eager_inference": ("smat", {"inference.compile_backbone": False}),
-    "smat_eager_gates": ("smat", {"hard_concrete.compile_gates": False}),
-    "smat_compiled_gates": ("smat", {"hard_concrete.compile_gates": True}),
+STEP_VARIANTS = {  # label: (method, gin bindings), timed beside the PMF and SMAT steps; the defaults to decide first
     "pmf_compiled_training": ("pmf", {"differentiable.compile_backbone": True}),
     "smat_compiled_training": ("smat", {"differentiable.compile_backbone": True}),
     "smat_teacher_reuse": ("smat", {"dense_teacher.reuse_query_pass": True}),
     "smat_compiled_training_teacher_reuse": ("smat", {"differentiable.compile_backbone": True,
                                                       "dense_teacher.reuse_query_pass": True}),
+    "smat_eager_inference": ("smat", {"inference.compile_backbone": False}),
+    "smat_eager_gates": ("smat", {"hard_concrete.compile_gates": False}),
+    "smat_compiled_gates": ("smat", {"hard_concrete.compile_gates": True}),
 }
 
 
@@ -322,10 +322,11 @@ def _bound(label, bindings):
     return gin.config_scope(label if bindings else None)
 
 
-def measure_adapters(args, device, defaults=True, variants=True):
+def measure_adapters(args, device, defaults=True, variants=True, measured=lambda figures: None):
     """{label: figures} of protonet, gradient_free (≈50 evaluations) and full (50 steps) on one episode
     (``defaults``), and of each with the settings of its `ADAPTER_VARIANTS` (``variants``: activation
-    memory budgets of 90 % and 50 %, gradient checkpointing, `torch.compile` off)."""
+    memory budgets of 90 % and 50 %, gradient checkpointing, `torch.compile` off). ``measured(figures)``
+    is called after each row (to save what a time limit would otherwise lose)."""
     import torch
 
     from methods import create_backbone, create_method
@@ -349,6 +350,7 @@ def measure_adapters(args, device, defaults=True, variants=True):
                               paper_seconds=paper_s, paper_memory_mib=paper_mib,
                               target_seconds=TARGETS[name][0] if name in TARGETS else None,
                               target_memory_mib=TARGETS[name][1] if name in TARGETS else None)
+        measured(figures)
     return figures
 
 
@@ -371,7 +373,7 @@ def measure_forward(args, device):
     return dict(f, images=len(batch), images_per_second=len(batch) / f["seconds"] if f["seconds"] else None)
 
 
-def measure_step(args, device):
+def measure_step(args, device, measured=lambda figures: None):
     """{label: figures} of one meta-training step of PMF, SMAT and the `STEP_VARIANTS` on the same tasks,
     and the ratio SMAT ÷ PMF. With ``args.profile`` (a folder), one more step of each is profiled:
     ``step_<label>.txt`` there holds its operators by device time, and the figures its kernel count."""
@@ -395,6 +397,7 @@ def measure_step(args, device):
         figures[label] = dict(_measured(label, step, device, args.repeats), bindings=bindings)
         if args.profile and not figures[label].get("error"):
             figures[label]["kernels"] = _profile(step, device, Path(args.profile) / f"step_{label}.txt")
+        measured(figures)
     ratios = step_ratios(figures)
     return dict(steps=figures, ratio=ratios.get("smat"), ratios=ratios)
 
@@ -581,20 +584,30 @@ def run_all(args, parser):
           f"{adapter_args.support} support + {adapter_args.query} query at {args.image_size} px")
     forward = payload["forward"] = measure_forward(adapter_args, device)
     print_forward(forward)
-    adapters = measure_adapters(adapter_args, device, variants=False)
     payload["adapters"] = dict(ways=adapter_args.ways, support=adapter_args.support, query=adapter_args.query,
-                               figures=adapters)
+                               figures={})
+
+    def saved(stage, key):
+        """After each row, the stage's rows go to ``payload[stage][key]`` and the JSON is rewritten: a time
+        limit loses at most the row it stopped."""
+        def save(figures):
+            payload[stage][key].update(figures)
+            _write_json(args.json, payload)
+
+        return save
+
+    adapters, save_adapters = payload["adapters"]["figures"], saved("adapters", "figures")
+    save_adapters(measure_adapters(adapter_args, device, variants=False, measured=save_adapters))
     print(table5(adapters))
-    _write_json(args.json, payload)
     print(f"\n# meta-training step: {step_args.tasks} tasks of {step_args.support} support + {step_args.query} query")
-    step = measure_step(step_args, device)
-    payload["step"] = dict(tasks=step_args.tasks, support=step_args.support, query=step_args.query, **step)
+    payload["step"] = dict(tasks=step_args.tasks, support=step_args.support, query=step_args.query, steps={})
+    step = measure_step(step_args, device, measured=saved("step", "steps"))
+    payload["step"].update(step)
     print_step(step, device)
     _write_json(args.json, payload)
     print("\n# Table 5 with the adapters' other settings")
-    adapters.update(measure_adapters(adapter_args, device, defaults=False))
+    save_adapters(measure_adapters(adapter_args, device, defaults=False, measured=save_adapters))
     print(table5(adapters))
-    _write_json(args.json, payload)
     print()
     payload["data"], _ = data_stage(data_args)
     _write_json(args.json, payload)

@@ -150,3 +150,25 @@ def test_all_measures_the_gpu_figures_first_and_writes_the_json_after_each_stage
     written = json.loads(out.read_text())
     assert set(figures) <= set(written)
     assert set(written["adapters"]["figures"]) == {"protonet", "full_variant"}  # defaults and variants, one table
+
+
+def test_all_keeps_the_rows_of_a_stage_stopped_midway(tmp_path, monkeypatch):
+    """A time limit that stops the step stage after its first row still leaves that row in the JSON."""
+    out = tmp_path / "perf.json"
+    protonet = dict(seconds=0.1, peak_memory_mib=None, paper_seconds=0.2, paper_memory_mib=4332, target_seconds=0.02,
+                    target_memory_mib=None)
+    monkeypatch.setattr(perf, "measure_forward", lambda args, device: dict(seconds=0.1, peak_memory_mib=None, images=600,
+                                                                          images_per_second=6000.0))
+    monkeypatch.setattr(perf, "measure_adapters",
+                        lambda args, device, measured, **which: measured({"protonet": protonet}) or {"protonet": protonet})
+
+    def step_stopped_after_pmf(args, device, measured):
+        measured({"pmf": dict(seconds=1.0, peak_memory_mib=None)})
+        raise KeyboardInterrupt  # as `timeout` stops the script
+
+    monkeypatch.setattr(perf, "measure_step", step_stopped_after_pmf)
+    with pytest.raises(KeyboardInterrupt):
+        perf.main(["all", "--backbone", MINI_BACKBONE, "--image-size", "32", "--device", "cpu", "--json", str(out)])
+    written = json.loads(out.read_text())
+    assert written["adapters"]["figures"] == {"protonet": protonet}
+    assert written["step"]["steps"] == {"pmf": dict(seconds=1.0, peak_memory_mib=None)}
