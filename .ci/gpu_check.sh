@@ -8,7 +8,7 @@
 # Usage: bash .ci/gpu_check.sh OUT_DIR    (on a machine with one CUDA GPU; logs and perf.json land in OUT_DIR)
 # SMAT_BENCH_TEST_DEVICE=cpu runs the same steps on the CPU (a dry run of the script; slow for `perf all`).
 # PYTHON names the interpreter (default python3). Each stage has a time limit, so a hung stage cannot cost
-# the figures of the next one; perf.json is rewritten after each perf stage.
+# the figures of the next one; perf.json is rewritten after each timed row.
 set -uo pipefail
 out=${1:?usage: bash .ci/gpu_check.sh OUT_DIR}
 mkdir -p "$out"

@@ -570,7 +570,7 @@ def run_all(args, parser):
     step, Table 5's variants, the data pipeline.
 
     The figures the issue's targets name come first and the CPU-side data figures, which any machine can
-    measure, last, so a run stopped by a time limit loses the least; the JSON is rewritten after each stage.
+    measure, last, so a run stopped by a time limit loses the least; the JSON is rewritten after each row.
     """
     device = _device(args)
     shared = ["--backbone", args.backbone, "--image-size", str(args.image_size), "--repeats", str(args.repeats),
