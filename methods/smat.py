@@ -109,17 +109,19 @@ class SMAT(Method):
     _transient = (*Method._transient, "_evaluation_gates")
 
     def __init__(self, backbone, variant="default", num_experts=8, target_sparsity=0.9, ce_weight=0.75,
-                 kd_temperature=2.0, teacher_steps=1, teacher_lr=5e-3, support_step_lr=None, learned_sparsity=True, interpolated_experts=True, meta_split=True,
-                 dense_teacher=True, delta_lr=1e-4, delta_momentum=0.9, delta_weight_decay=1e-4, mask_lr=1.0,
-                 lagrangian_lr=5.0, router_lr=1e-4, router_weight_decay=1e-2, router_clip=1.0, temperature_start=5.0,
-                 temperature_end=0.5, temperature_anneal_fraction=0.36, mask_init_std=0.5, routing_logit_l2=1e-4,
-                 sparsity_measure="expected", tasks_per_step=4, warmup_fraction=0.2, min_lr=1e-6):
+                 kd_temperature=2.0, teacher_steps=1, teacher_lr=5e-3, support_step_lr=None, learned_sparsity=True,
+                 interpolated_experts=True, meta_split=True, dense_teacher=True, delta_lr=1e-4, delta_momentum=0.9,
+                 delta_weight_decay=1e-4, mask_lr=1.0, lagrangian_lr=5.0, router_lr=1e-4, router_weight_decay=1e-2,
+                 router_clip=1.0, temperature_start=5.0, temperature_end=0.5, temperature_anneal_fraction=0.36,
+                 mask_init_std=0.5, routing_logit_l2=1e-4, sparsity_measure="expected", tasks_per_step=4,
+                 warmup_fraction=0.2, min_lr=1e-6):
         if variant not in VARIANTS:
             raise ValueError(f"smat variant {variant!r}: choose one of {', '.join(VARIANTS)}")
         super().__init__(backbone, tasks_per_step, warmup_fraction, min_lr)
         settings = {**locals(), **VARIANTS[variant]}
         for key in ("variant", "target_sparsity", "ce_weight", "kd_temperature", "teacher_steps", "teacher_lr",
-                    "support_step_lr", "learned_sparsity", "meta_split", "dense_teacher", "delta_lr", "delta_momentum", "delta_weight_decay", "mask_lr", "lagrangian_lr", "router_lr",
+                    "support_step_lr", "learned_sparsity", "meta_split", "dense_teacher", "delta_lr",
+                    "delta_momentum", "delta_weight_decay", "mask_lr", "lagrangian_lr", "router_lr",
                     "router_weight_decay", "router_clip", "temperature_start", "temperature_end",
                     "temperature_anneal_fraction", "routing_logit_l2", "sparsity_measure"):
             setattr(self, key, settings[key])
