@@ -5,7 +5,8 @@
 # (about 7 minutes on an H100 before the compiled inference forward, most of it the data stage and compiling).
 # The stage limits (210 s, then 370 s) keep the whole script under the device tool's 10 minutes per command;
 # what a limit cuts first is perf's last stages (the adapters' other settings, then the data pipeline).
-# Usage: bash .ci/gpu_check.sh OUT_DIR    (on a machine with one CUDA GPU; logs and perf.json land in OUT_DIR)
+# Usage: bash .ci/gpu_check.sh OUT_DIR    (on a machine with one CUDA GPU; logs and perf.json land in OUT_DIR;
+# .ci/device_wheels.sh prepares the packages such a machine may lack)
 # SMAT_BENCH_TEST_DEVICE=cpu runs the same steps on the CPU (a dry run of the script; slow for `perf all`).
 # PYTHON names the interpreter (default python3). Each stage has a time limit, so a hung stage cannot cost
 # the figures of the next one; perf.json is rewritten after each timed row.
