@@ -523,7 +523,7 @@ def print_step(step, device):
               + kernels + _failure(f))
     for label, ratio in step["ratios"].items():
         if ratio is not None:
-            met = "met" if ratio <= STEP_RATIO_TARGET else "not met"
+            met = ("met" if ratio <= STEP_RATIO_TARGET else "not met") if device.type == "cuda" else "a GPU target"
             setting = "" if label == "smat" else f" ({label[len('smat_'):]})"
             print(f"SMAT step / PMF step{setting} = {ratio:.2f} (target <= {STEP_RATIO_TARGET}: {met}) "
                   f"on {_device_label(device)}")
