@@ -396,7 +396,11 @@ def measure_step(args, device, measured=lambda figures: None):
 
         figures[label] = dict(_measured(label, step, device, args.repeats), bindings=bindings)
         if args.profile and not figures[label].get("error"):
-            figures[label]["kernels"] = _profile(step, device, Path(args.profile) / f"step_{label}.txt")
+            try:
+                figures[label]["kernels"] = _profile(step, device, Path(args.profile) / f"step_{label}.txt")
+            except Exception as error:  # noqa: BLE001 — a profiler fault costs the profile, not the other rows
+                print(f"{PROG}: profiling {label} failed: {type(error).__name__}: {error}", file=sys.stderr)
+                figures[label]["profile_error"] = f"{type(error).__name__}: {error}"
         measured(figures)
     ratios = step_ratios(figures)
     return dict(steps=figures, ratio=ratios.get("smat"), ratios=ratios)

@@ -173,3 +173,20 @@ def test_all_keeps_the_rows_of_a_stage_stopped_midway(tmp_path, monkeypatch):
     written = json.loads(out.read_text())
     assert written["adapters"]["figures"] == {"protonet": protonet}
     assert written["step"]["steps"] == {"pmf": dict(seconds=1.0, peak_memory_mib=None)}
+
+
+def test_a_profiler_fault_costs_that_profile_only(tmp_path, monkeypatch):
+    profile = perf._profile
+
+    def failing_for_pmf(fn, device, path):
+        if path.name == "step_pmf.txt":
+            raise RuntimeError("planted profiler fault")
+        return profile(fn, device, path)
+
+    monkeypatch.setattr(perf, "_profile", failing_for_pmf)
+    out = tmp_path / "step.json"
+    perf.main(["step", *TINY, "--support", "6", "--query", "3", "--tasks", "2", "--json", str(out),
+               "--profile", str(tmp_path / "profiles")])
+    steps = json.loads(out.read_text())["steps"]
+    assert set(steps) == {"pmf", "smat", *perf.STEP_VARIANTS} and all(f["seconds"] for f in steps.values())
+    assert "planted profiler fault" in steps["pmf"]["profile_error"] and "profile_error" not in steps["smat"]
