@@ -600,8 +600,8 @@ def run_all(args, parser):
 
         return save
 
-    adapters, save_adapters = payload["adapters"]["figures"], saved("adapters", "figures")
-    save_adapters(measure_adapters(adapter_args, device, variants=False, measured=save_adapters))
+    adapters = payload["adapters"]["figures"]  # filled row by row, defaults then variants
+    measure_adapters(adapter_args, device, variants=False, measured=saved("adapters", "figures"))
     print(table5(adapters))
     print(f"\n# meta-training step: {step_args.tasks} tasks of {step_args.support} support + {step_args.query} query")
     payload["step"] = dict(tasks=step_args.tasks, support=step_args.support, query=step_args.query, steps={})
@@ -610,7 +610,7 @@ def run_all(args, parser):
     print_step(step, device)
     _write_json(args.json, payload)
     print("\n# Table 5 with the adapters' other settings")
-    save_adapters(measure_adapters(adapter_args, device, defaults=False, measured=save_adapters))
+    measure_adapters(adapter_args, device, defaults=False, measured=saved("adapters", "figures"))
     print(table5(adapters))
     print()
     payload["data"], _ = data_stage(data_args)
