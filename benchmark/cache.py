@@ -187,8 +187,7 @@ class DecodedSource:
                 raise DataError(
                     f"{meta_file}: class {c} has {have} cached records, {spec_file} says {want}; {self.fix}"
                 )
-        for c in range(spec.num_classes):
-            path, entry = spec.class_path(c), classes[str(c)]
+            path = spec.class_path(c)
             if _file_state(path) != {key: entry.get(key) for key in ("bytes", "mtime_ns")}:
                 raise DataError(
                     f"{path} changed since {meta_file} was built (its size or modification time differs: "
@@ -345,8 +344,8 @@ def verify_source(cache, records, per_class=None):
 
     Checks ``cache.json`` against the spec and the record files' sizes and times (`DecodedSource`), every
     record file's content fingerprint against the one the cache was built from, every class file's
-    shape, and re-decodes every record (or ``per_class``
-    random ones per class, drawn by a generator seeded with the class id): the cached pixels must equal
+    shape, and re-decodes every record (or ``per_class`` random ones per class, drawn by a generator
+    seeded with the class id): the cached pixels must equal
     `SourceRecords.pixels` under ``center_crop`` and be within 0.5 grey level of them under ``squash``.
 
     Raises:
@@ -358,9 +357,10 @@ def verify_source(cache, records, per_class=None):
     tolerance = TOLERANCE[records.preprocess.resize]
     checked = total = 0
     for c in tqdm(range(spec.num_classes), desc=name, unit="class", disable=None):
-        path = records.record_file(c).path
-        if records.record_file(c).fingerprint() != decoded.classes[str(c)].get("content"):
-            raise DataError(f"{path}: its records are not those {decoded.class_path(c)} was built from; {decoded.fix}")
+        record_file = records.record_file(c)
+        if record_file.fingerprint() != decoded.classes[str(c)].get("content"):
+            raise DataError(f"{record_file.path}: its records are not those {decoded.class_path(c)} was built from; "
+                            f"{decoded.fix}")
         n = decoded.records_in(c)
         if per_class is None:
             picked = np.arange(n)
@@ -373,7 +373,7 @@ def verify_source(cache, records, per_class=None):
             if len(bad):
                 i, worst = int(chunk[bad[0]]), float(error[bad[0]])
                 raise DataError(
-                    f"{decoded.class_path(c)}: record {i} differs from record {i} of {path} by {worst:g} grey levels "
+                    f"{decoded.class_path(c)}: record {i} differs from record {i} of {record_file.path} by {worst:g} grey levels "
                     f"(allowed: {tolerance:g}); delete {decoded.class_path(c)} and {decoded.fix}"
                 )
         checked, total = checked + len(picked), total + n

@@ -568,8 +568,8 @@ def cost_table(series):
     if not smat:
         return skipped("table", "table5.md", title, f"no SMAT rows on {PAPER_BENCHMARK} with {DINO}")
     common = [name for name, _ in benchmark_sources(PAPER_BENCHMARK)[0] if all(name in s.cells for s in smat)]
-    paper_sources = table4_sources() <= set(common)  # the paper's accuracy is over its Table 4 sources
-    accuracy_sources = [name for name in common if name in table4_sources()] if paper_sources else common
+    all_paper_sources = table4_sources() <= set(common)  # the paper's accuracy is over its Table 4 sources
+    accuracy_sources = [name for name in common if name in table4_sources()] if all_paper_sources else common
     paper = published_table("cost").set_index("method")
     body = []
     for s in smat:
@@ -585,12 +585,12 @@ def cost_table(series):
             f"{memory.mean():.0f}" if len(memory) else "—",
             f"{published['gpu_memory_mib']:g}" if published is not None else "—",
             format_cell(s.cell(accuracy_sources)) if accuracy_sources else "—",
-            f"{published['avg_accuracy_table4']:.2f}" if published is not None and paper_sources else "—",
+            f"{published['avg_accuracy_table4']:.2f}" if published is not None and all_paper_sources else "—",
             ", ".join(devices) or "—",
         ])
     header = ["Adapter", "Episodes", "Time (s/task)", "Time (paper)", "Peak GPU memory (MiB)", "GPU memory (paper)",
               "Avg accuracy", "Avg accuracy (paper)", "Device"]
-    accuracy_note = ("the paper's Table 4 sources" if paper_sources else
+    accuracy_note = ("the paper's Table 4 sources" if all_paper_sources else
                      "all of those (not the paper's Table 4 sources, so no paper figure beside it)")
     notes = [f"Over the episodes of the sources every adapter here ran: {', '.join(common) or 'none'}. Time: mean "
              "seconds of adaptation + prediction per task; memory: mean peak GPU memory per task (— on CPU); "
@@ -753,16 +753,14 @@ def write_results(run_dirs, out, merge_runs=False):
     out.mkdir(parents=True, exist_ok=True)
     manifest = out / GENERATED
     previous = set(manifest.read_text().splitlines()) if manifest.exists() else set()
-    written = []
+    names = [product.filename for product in products if product.content is not None]
     for product in products:
         if product.content is not None:
             (out / product.filename).write_bytes(product.content)
-            written.append(out / product.filename)
-    names = [product.filename for product in products if product.content is not None]
     for stale in sorted(previous - set(names)):  # a table or figure of runs no longer given
         (out / stale).unlink(missing_ok=True)
     manifest.write_text("".join(f"{name}\n" for name in names))
-    return [*written, manifest]
+    return [*(out / name for name in names), manifest]
 
 
 def build_parser():

@@ -310,8 +310,9 @@ class SMAT(Method):
         if query is None or not all(p.requires_grad for p in params.values()):
             teacher, query = {n: p.detach().requires_grad_() for n, p in params.items()}, None
         for step in range(self.teacher_steps):
-            features = query if step == 0 and query is not None else forward_features(self.backbone, teacher, query_x)
-            grad = grad_keeping_graph if features is query else torch.autograd.grad
+            reused = step == 0 and query is not None
+            features = query if reused else forward_features(self.backbone, teacher, query_x)
+            grad = grad_keeping_graph if reused else torch.autograd.grad
             grads = grad(F.cross_entropy(cosine_logits(features, teacher_head), query_y), [*teacher.values(), teacher_head])
             with torch.no_grad():
                 stepped = torch._foreach_add(list(teacher.values()), grads[:-1], alpha=-self.teacher_lr)

@@ -264,11 +264,10 @@ class HierarchicalDatasetSpecification(_SpecBase):
         for split in Split:
             by_wn = self.images_per_class_by_wn_id.get(split, {})
             for wn in self.leaves(split):
-                missing = [key for key, table in (("class_names", self.class_names_to_ids),
-                                                  (f"images_per_class.{split.value}", by_wn)) if wn not in table]
-                if missing:
-                    raise DataError(f"{self.name}: dataset_spec.json has no {missing[0]} entry for {wn}, a leaf "
-                                    f"of the {split.value} split; re-run the conversion")
+                for key, table in (("class_names", self.class_names_to_ids), (f"images_per_class.{split.value}", by_wn)):
+                    if wn not in table:
+                        raise DataError(f"{self.name}: dataset_spec.json has no {key} entry for {wn}, a leaf "
+                                        f"of the {split.value} split; re-run the conversion")
                 counts[self.class_names_to_ids[wn]] = by_wn[wn]
         return counts
 
