@@ -125,6 +125,7 @@ class Run:
     config_hash: str
     device: torch.device
     trained_code_version: str | None = None  # the code version that wrote the evaluated checkpoint
+    trained_processes: int | None = None  # the processes that meta-trained the evaluated checkpoint
 
     @property
     def variant(self):
@@ -132,8 +133,9 @@ class Run:
 
     @property
     def run_id(self):
-        """method-variant-benchmark-hash, plus ``-wN`` for N processes (their noise streams differ from one's)."""
-        processes = distributed.world_size()
+        """method-variant-benchmark-hash, plus ``-wN`` for a model meta-trained by N > 1 processes (their noise
+        streams differ from one's). N is that of the training, however many processes evaluate."""
+        processes = self.trained_processes or (distributed.world_size() if self.method.trains else 1)
         suffix = f"-w{processes}" if processes > 1 else ""
         return f"{self.config.method}-{self.variant}-{self.data.benchmark.name}-{self.config_hash[:10]}{suffix}"
 
@@ -242,7 +244,8 @@ def _claim(run, config_file):
 def save_checkpoint(path, run, step, best_valid, with_training_state=True):
     """Atomically write the method and (optionally) everything needed to continue training."""
     state = dict(format=CHECKPOINT_FORMAT, method=run.config.method, variant=run.variant, config_hash=run.config_hash,
-                 code_version=code_version(), step=step, best_valid=best_valid, model=run.method.state_dict())
+                 code_version=code_version(), processes=distributed.world_size(), step=step, best_valid=best_valid,
+                 model=run.method.state_dict())
     if with_training_state:
         rng = distributed.gather_objects(
             (torch.get_rng_state(), torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []))
@@ -257,7 +260,8 @@ def save_checkpoint(path, run, step, best_valid, with_training_state=True):
 
 def load_checkpoint(path, run):
     """The checkpoint at ``path`` (``weights_only``), checked to belong to this run's method, loaded into it;
-    the code version that wrote it becomes the run's ``trained_code_version``."""
+    the code version and process count that wrote it become the run's ``trained_code_version`` and
+    ``trained_processes``."""
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
@@ -276,6 +280,7 @@ def load_checkpoint(path, run):
     except RuntimeError as err:
         raise DataError(f"{path}: its tensors do not fit this model ({' '.join(str(err).split())[:300]})") from None
     run.trained_code_version = state.get("code_version")
+    run.trained_processes = state.get("processes", len(state.get("torch_rng", ())) or None)  # older files: from their RNGs
     return state
 
 
@@ -409,7 +414,7 @@ def execute(args):
     for name in config.adapters:
         get_adapter(name, job.method)  # an adapter that does not apply fails now, not after meta-training
     claim_directory(job)
-    print(f"run {job.run_id} in {job.directory} on {_device_name(job.device)}", file=sys.stderr)
+    print(f"run in {job.directory} on {_device_name(job.device)}", file=sys.stderr)
     if args.stage in ("train", "all") and checkpoint is None and job.method.trains:
         checkpoint = train(job)
     if args.stage in ("eval", "all"):

@@ -194,6 +194,13 @@ def test_two_gloo_processes_train_and_evaluate_like_one(tmp_path, mini_root):
     assert [key(r) for r in rows_one] == [key(r) for r in rows_two] and len(rows_two) == 6 * 3
     assert [r["accuracy"] for r in rows_one] == pytest.approx([r["accuracy"] for r in rows_two], abs=0.02)
     assert len({(r["source"], r["lr"]) for r in rows_two}) == len({r["source"] for r in rows_two})
+    assert {r["run_id"][-3:] for r in rows_two} == {"-w2"} and not rows_one[0]["run_id"].endswith("-w1")
+    # an evaluation cut short and finished by one process keeps the run id of the two that trained the model
+    episodes = tmp_path / "two" / "episodes.jsonl"
+    episodes.write_text("".join(line + "\n" for line in episodes.read_text().splitlines()[:5]))
+    assert cli(*args, "--stage", "eval", "--out", str(tmp_path / "two")).returncode == 0
+    untimed = lambda rs: [{k: v for k, v in r.items() if k not in TIMING} for r in rs]  # noqa: E731
+    assert untimed(sorted(rows(tmp_path / "two"), key=key)) == untimed(rows_two)
     # a refused run directory stops both processes (the second one used to wait for the first)
     procs, outputs = two_processes(*args, "--bind", "run.test_episodes = 2", "--out", str(tmp_path / "two"), port=29632,
                                    timeout=300)
