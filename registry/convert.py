@@ -36,9 +36,10 @@ counts against ``registry/sources.toml`` with `Source.load_spec`), and only then
 ``RECORDS_ROOT/NAME``. An interrupted or failed conversion therefore never leaves a
 ``RECORDS_ROOT/NAME`` behind, and never touches an existing one. Re-running replaces an existing
 ``RECORDS_ROOT/NAME`` as a whole, with two renames (old copy out, new copy in) once the new copy has
-passed every check; the old copy is then deleted. A process killed outright (SIGKILL, power loss)
-can leave a ``.NAME.partial-*`` directory, which is safe to delete (killed between the two renames,
-it holds the old copy as ``replaced/``). Output is deterministic: the same raw data gives
+passed every check; the old copy is then deleted, or put back if the new one cannot move in (and kept
+in ``.NAME.partial-*/replaced/``, named by the error, if it cannot go back either). A process killed
+outright (SIGKILL, power loss) can leave a ``.NAME.partial-*`` directory, which is safe to delete
+(killed between the two renames, it holds the old copy as ``replaced/``). Output is deterministic: the same raw data gives
 byte-identical files for any ``--workers``; ``dataset_spec.json`` stores the official placeholder
 ``path`` (``/path/to/records/NAME``), which loaders replace with the real directory. A progress bar
 (images written) goes to stderr when it is a terminal.
@@ -430,6 +431,7 @@ def convert(name, raw_dir, records_root, workers=1):
     records_root.mkdir(parents=True, exist_ok=True)
     final = records_root / name
     staging = Path(tempfile.mkdtemp(prefix=f".{name}.partial-", dir=records_root))
+    stranded = False  # the old copy is in the staging directory and could not go back: keep it
     try:
         directory = staging / name
         directory.mkdir()
@@ -441,12 +443,20 @@ def convert(name, raw_dir, records_root, workers=1):
             final.rename(replaced)
         try:
             directory.rename(final)
-        except BaseException:
+        except BaseException as err:
             if replaced.exists() or replaced.is_symlink():
-                replaced.rename(final)  # the old copy goes back
+                try:
+                    replaced.rename(final)  # the old copy goes back
+                except OSError as restore_err:
+                    stranded = True
+                    raise DataError(
+                        f"{final}: the new copy could not be moved in ({err}) nor the old copy back ({restore_err}); "
+                        f"the old copy is kept at {replaced}: move it to {final} by hand"
+                    ) from err
             raise
     finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        if not stranded:
+            shutil.rmtree(staging, ignore_errors=True)
     splits = "/".join(str(raw.classes_per_split[s]) for s in Split)
     return (
         f"{name}: wrote {len(raw.class_names)} classes (train/valid/test {splits}), {total} images to {final} "

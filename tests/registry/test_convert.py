@@ -419,6 +419,24 @@ def test_a_failed_swap_puts_the_existing_copy_back(tmp_path, monkeypatch):
     assert _files(tmp_path / "records" / "cifar10") == before
 
 
+def test_an_old_copy_that_cannot_go_back_is_kept_and_named(tmp_path, monkeypatch):
+    raw, _, _ = write_cifar10(tmp_path / "raw", _sizes("cifar10"))
+    convert("cifar10", raw, tmp_path / "records")
+    before = _files(tmp_path / "records" / "cifar10")
+    rename = Path.rename
+
+    def failing(self, target):
+        if self.parent.name.startswith(".cifar10.partial-") and self.name in ("cifar10", "replaced"):
+            raise OSError("planted failure")  # neither the new copy in nor the old one back
+        return rename(self, target)
+
+    monkeypatch.setattr(Path, "rename", failing)
+    with pytest.raises(DataError, match="the old copy is kept at") as err:
+        convert("cifar10", raw, tmp_path / "records")
+    kept = Path(str(err.value).split("kept at ")[1].split(": move it")[0])
+    assert kept.name == "replaced" and _files(kept) == before
+
+
 def test_rerun_replaces_the_existing_copy_as_a_whole(tmp_path):
     raw, _, _ = write_cifar10(tmp_path / "raw", _sizes("cifar10"))
     convert("cifar10", raw, tmp_path / "records")
