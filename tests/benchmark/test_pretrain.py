@@ -2,6 +2,7 @@
 
 import dataclasses
 
+import pytest
 import torch
 
 from benchmark import pretrain
@@ -29,3 +30,28 @@ def test_weights_are_cached_per_preprocessing(mini_root, monkeypatch):
     finally:
         for path in paths:
             path.unlink(missing_ok=True)
+
+
+def test_the_cache_file_is_written_through_a_temporary_file_of_its_own(mini_root, monkeypatch):
+    """Jobs on several nodes (one process id each, maybe the same) pre-training at once never share a temporary
+    file, and a failed write leaves neither the cache file nor its temporary file."""
+    monkeypatch.setattr(pretrain, "_train", lambda data, backbone_name, steps: {"weight": torch.zeros(1)})
+    temporaries, real_save = [], pretrain.save_file
+
+    def save_then_fail(state, path):
+        temporaries.append(path)
+        real_save(state, path)
+        if len(temporaries) == 2:
+            raise OSError("planted: disk full")
+
+    monkeypatch.setattr(pretrain, "save_file", save_then_fail)
+    data = BenchmarkData(get_benchmark("md_mini"), mini_root)
+    path = pretrain.pretrained_weights(data, MINI_BACKBONE, steps=2)
+    try:
+        path.unlink()
+        with pytest.raises(OSError, match="planted"):
+            pretrain.pretrained_weights(data, MINI_BACKBONE, steps=2)
+        assert temporaries[0] != temporaries[1]
+        assert not path.exists() and not [p for p in path.parent.iterdir() if p.name.startswith(f".{path.name}")]
+    finally:
+        path.unlink(missing_ok=True)
