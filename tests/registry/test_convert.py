@@ -401,39 +401,36 @@ def test_interrupted_rerun_keeps_the_existing_copy(tmp_path, monkeypatch):
     assert _files(tmp_path / "records" / "cifar10") == before
 
 
-def test_a_failed_swap_puts_the_existing_copy_back(tmp_path, monkeypatch):
+def _converted_twice_with_failing_moves(tmp_path, monkeypatch, failing):
+    """(the first conversion's files, the exception of a second one whose moves out of its staging
+    directory of the entries named ``failing`` fail)."""
     raw, _, _ = write_cifar10(tmp_path / "raw", _sizes("cifar10"))
     convert("cifar10", raw, tmp_path / "records")
     before = _files(tmp_path / "records" / "cifar10")
     rename = Path.rename
 
-    def failing(self, target):
-        if self.name == "cifar10" and self.parent.name.startswith(".cifar10.partial-"):  # the new copy moving in
+    def planted(self, target):
+        if self.name in failing and self.parent.name.startswith(".cifar10.partial-"):
             raise OSError("planted failure")
         return rename(self, target)
 
-    monkeypatch.setattr(Path, "rename", failing)
-    with pytest.raises(OSError, match="planted failure"):
+    monkeypatch.setattr(Path, "rename", planted)
+    with pytest.raises((OSError, DataError)) as err:
         convert("cifar10", raw, tmp_path / "records")
+    return before, err.value
+
+
+def test_a_failed_swap_puts_the_existing_copy_back(tmp_path, monkeypatch):
+    before, err = _converted_twice_with_failing_moves(tmp_path, monkeypatch, failing=("cifar10",))  # the new copy in
+    assert "planted failure" in str(err)
     assert [p.name for p in (tmp_path / "records").iterdir()] == ["cifar10"]
     assert _files(tmp_path / "records" / "cifar10") == before
 
 
 def test_an_old_copy_that_cannot_go_back_is_kept_and_named(tmp_path, monkeypatch):
-    raw, _, _ = write_cifar10(tmp_path / "raw", _sizes("cifar10"))
-    convert("cifar10", raw, tmp_path / "records")
-    before = _files(tmp_path / "records" / "cifar10")
-    rename = Path.rename
-
-    def failing(self, target):
-        if self.parent.name.startswith(".cifar10.partial-") and self.name in ("cifar10", "replaced"):
-            raise OSError("planted failure")  # neither the new copy in nor the old one back
-        return rename(self, target)
-
-    monkeypatch.setattr(Path, "rename", failing)
-    with pytest.raises(DataError, match="the old copy is kept at") as err:
-        convert("cifar10", raw, tmp_path / "records")
-    kept = Path(str(err.value).split("kept at ")[1].split(": move it")[0])
+    before, err = _converted_twice_with_failing_moves(tmp_path, monkeypatch, failing=("cifar10", "replaced"))
+    assert isinstance(err, DataError) and "the old copy is kept at" in str(err)
+    kept = Path(str(err).split("kept at ")[1].split(": move it")[0])
     assert kept.name == "replaced" and _files(kept) == before
 
 
