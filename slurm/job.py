@@ -22,14 +22,20 @@ class BenchmarkJob:
     joins one torch.distributed group: the job exports ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``,
     ``MASTER_ADDR``, ``MASTER_PORT`` (submitit's ``TorchDistributedEnvironment``; every task keeps all
     of the node's GPUs visible and uses ``cuda:LOCAL_RANK``). ``OMP_NUM_THREADS`` defaults to the
-    CPUs SLURM gave the task.
+    CPUs SLURM gave the task. The job runs in ``workdir`` (default: the directory it was created in), so
+    relative paths in ``argv`` (gin files, bound paths) mean what they meant where it was submitted, also
+    when a sweep's points are resubmitted from elsewhere.
 
     Example:
         >>> executor.submit(BenchmarkJob(), ["--gin", "methods/smat.gin", "--out", "/runs/smat"])  # doctest: +SKIP
     """
 
+    def __init__(self, workdir=None):
+        self.workdir = os.path.abspath(workdir or os.getcwd())
+
     def __call__(self, argv):
         argv = list(argv)
+        os.chdir(self.workdir)
         if os.environ.get("SLURM_CPUS_PER_TASK"):
             os.environ.setdefault("OMP_NUM_THREADS", os.environ["SLURM_CPUS_PER_TASK"])  # before torch is imported
         if os.environ.get("SUBMITIT_EXECUTOR"):
@@ -43,7 +49,7 @@ class BenchmarkJob:
 
     def checkpoint(self, argv):
         """A fresh job with the same command: the run resumes from its directory, nothing else is kept."""
-        return submitit.helpers.DelayedSubmission(BenchmarkJob(), argv)
+        return submitit.helpers.DelayedSubmission(BenchmarkJob(self.workdir), argv)
 
     def __repr__(self):
-        return "BenchmarkJob()"
+        return f"BenchmarkJob({self.workdir!r})"

@@ -102,14 +102,15 @@ def check_config(gin_files, bindings):
         return parse_config(gin_files, bindings)
 
 
-def submit_jobs(executor, argvs):
-    """Submit one job (one argv) or a job array (several) of `BenchmarkJob`; sbatch refusals become DataError."""
+def submit_jobs(executor, argvs, workdir=None):
+    """Submit one job (one argv) or a job array (several) of `BenchmarkJob` running in ``workdir`` (default:
+    here); sbatch refusals become DataError."""
     from submitit.core.utils import FailedJobError
 
     try:
         if len(argvs) == 1:
-            return [executor.submit(BenchmarkJob(), argvs[0])]
-        return executor.map_array(BenchmarkJob(), argvs)
+            return [executor.submit(BenchmarkJob(workdir), argvs[0])]
+        return executor.map_array(BenchmarkJob(workdir), argvs)
     except FailedJobError as err:
         raise DataError(f"sbatch refused the job: {' '.join(str(err).split())}") from None
 

@@ -17,7 +17,8 @@ anything is submitted; a refusal is one line and exit status 2.
 earlier ids), run directory and last known status. ``--status`` prints every point's state (from
 the job's result file, else ``sacct``) and the number of result rows in its run directory, and names
 the failed points; ``--resubmit-failed`` resubmits only those (as one array; each resumes from its run
-directory); ``--wait`` blocks with a progress bar until every job ended, prints the summary and exits
+directory, in the directory the sweep was submitted from, so relative paths keep their meaning);
+``--wait`` blocks with a progress bar until every job ended, prints the summary and exits
 1 when a point failed. ``--local`` runs the points on this machine, K at a time (default 1), and waits.
 """
 
@@ -230,6 +231,7 @@ def submit(argv):
             entry["run_dir"] = str(sweep_dir / entry["name"])
             entry["argv"][-1] = entry["run_dir"]
     manifest = dict(format=FORMAT, sweep_dir=str(sweep_dir), command=shlex.join([*PROG.split(), *argv]),
+                    workdir=os.getcwd(),
                     created=datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
                     cluster="local" if args.local else "slurm", folder=str(folder), grid=grid,
                     parameters=parameters, points=entries)
@@ -238,13 +240,14 @@ def submit(argv):
         save(manifest_path, manifest)
         _run_locally(manifest_path, manifest, executor, entries, args.array_parallelism or 1)
     else:
-        _submit_entries(executor, entries)
+        _submit_entries(manifest, executor, entries)
         save(manifest_path, manifest)
     return manifest_path
 
 
-def _submit_entries(executor, entries):
-    jobs = submit_jobs(executor, [e["argv"] for e in entries])
+def _submit_entries(manifest, executor, entries):
+    """Submit ``entries`` as one array, run where the sweep was submitted (older manifests: here)."""
+    jobs = submit_jobs(executor, [e["argv"] for e in entries], manifest.get("workdir"))
     for entry, job in zip(entries, jobs):
         entry["job_id"] = str(job.job_id)
         entry["jobs"].append(entry["job_id"])
@@ -258,7 +261,7 @@ def _run_locally(manifest_path, manifest, executor, entries, parallelism):
     while waiting or running:
         running = [job for job in running if not job.done()]
         while waiting and len(running) < parallelism:
-            running += _submit_entries(executor, [waiting.pop(0)])
+            running += _submit_entries(manifest, executor, [waiting.pop(0)])
             save(manifest_path, manifest)
         time.sleep(0.5)
 
@@ -402,7 +405,7 @@ def resubmit_failed(path):
     if local:
         _run_locally(path, manifest, executor, bad, parameters.get("slurm_array_parallelism") or 1)
     else:
-        _submit_entries(executor, bad)
+        _submit_entries(manifest, executor, bad)
     save(path, manifest)
     return bad
 

@@ -151,12 +151,30 @@ def test_a_preempted_job_is_active_while_requeued_and_failed_once_it_is_not(tmp_
     assert [e["job_id"] for e in sweep.failed(manifest)] == ["12"]
 
 
-def test_checkpoint_requeues_a_fresh_job_with_the_same_command():
+def test_checkpoint_requeues_a_fresh_job_with_the_same_command_and_directory(tmp_path):
     argv = ["--gin", "methods/smat.gin", "--out", "/runs/x"]
-    job = BenchmarkJob()
+    job = BenchmarkJob(tmp_path)
     delayed = job.checkpoint(argv)
     assert isinstance(delayed, submitit.helpers.DelayedSubmission)
     assert isinstance(delayed.function, BenchmarkJob) and delayed.function is not job and delayed.args == (argv,)
+    assert delayed.function.workdir == str(tmp_path)
+
+
+def test_failed_points_resubmitted_from_elsewhere_run_where_the_sweep_was_submitted(tmp_path, mini_root, monkeypatch):
+    """A point failed (here: a GPU this machine lacks), the user's own gin file (relative to where the sweep
+    was submitted) is fixed, and the points are resubmitted from another directory: they find the file."""
+    submitted_from, elsewhere = tmp_path / "project", tmp_path / "elsewhere"
+    submitted_from.mkdir(), elsewhere.mkdir()
+    mine = submitted_from / "mine.gin"
+    mine.write_text("include 'methods/pre.gin'\nrun.device = 'cuda:7'\n")
+    monkeypatch.chdir(submitted_from)
+    with pytest.raises(SystemExit):
+        sweep.main(["--gin", "mine.gin", "--smoke", "--grid", "run.seed=[0]", "--local", "--out", str(tmp_path / "s")])
+    mine.write_text("include 'methods/pre.gin'\nrun.device = 'cpu'\n")
+    monkeypatch.chdir(elsewhere)
+    monkeypatch.setenv("PYTHONPATH", str(ROOT))  # the job unpickles slurm.job here, installed or not
+    sweep.main(["--resubmit-failed", str(tmp_path / "s")])
+    assert len(rows(tmp_path / "s" / "seed=0")) == 6 * 2
 
 
 def test_cluster_defaults_come_first_and_the_callers_options_last():
