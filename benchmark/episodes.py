@@ -24,6 +24,7 @@ own official sampler, seeded in ``train_sources`` order from one module RNG of t
 
 import dataclasses
 import hashlib
+import json
 from dataclasses import dataclass
 from functools import cached_property
 
@@ -150,6 +151,7 @@ class SourceRecords:
         self.preprocess = preprocess
         self.decoded = None if decoded is None else decoded.open(source.name, self.spec, preprocess)
         self._files = {}
+        self._contents = {}
 
     def record_file(self, class_id):
         """The `RecordFile` of absolute class ``class_id``; a missing file is a `DataError` naming the fix."""
@@ -159,6 +161,31 @@ class SourceRecords:
                 raise DataError(f"{path}: missing class file of source '{self.source.name}'; {self.source.how_to_fix()}")
             self._files[class_id] = RecordFile(path)
         return self._files[class_id]
+
+    def class_content(self, class_id):
+        """The content fingerprint of the records of absolute class ``class_id`` (`RecordFile.fingerprint`),
+        taken from the decoded cache when there is one (it keeps that of the records it was built from)."""
+        if class_id not in self._contents:
+            if self.decoded is not None:
+                self._contents[class_id] = self.decoded.classes[str(class_id)]["content"]
+            else:
+                records = self.record_file(class_id)
+                try:
+                    self._contents[class_id] = records.fingerprint()
+                finally:
+                    records.close()
+        return self._contents[class_id]
+
+    def episode_digest(self, episode):
+        """What makes ``episode``'s inputs, as 16 hex digits of a SHA-256: the preprocessing, the stored pixel
+        type, and per image (support, then query, in order) its class, its record index and the content
+        fingerprint of its class's records. Equal digests: the same images (by content), in the same
+        order, with the same labels, made into the same inputs; result rows carry it (``episode_digest``)."""
+        classes = np.unique(np.concatenate([episode.support_records[:, 0], episode.query_records[:, 0]]))
+        what = dict(preprocess=dataclasses.asdict(self.preprocess), pixels=str(self.stored_dtype),
+                    contents={int(c): self.class_content(int(c)) for c in classes},
+                    support=episode.support_records.tolist(), query=episode.query_records.tolist())
+        return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:16]
 
     def pixels(self, class_id, indices):
         """Records ``indices`` of absolute class ``class_id``, decoded and resized: float32 ``N×3×s×s`` grey levels.

@@ -148,6 +148,7 @@ def evaluate(method, data, adapters, store, run_info, device="cpu", lr_grid=DEFA
                         **described[episode.id.episode],
                         **run_info, "adaptation": adapter_name, "benchmark": bench.name, "source": source.name,
                         "role": source.role, "split": "test", "seed": episode.id.seed, "episode": episode.id.episode,
+                        "episode_digest": data.source(source.name).episode_digest(episode),
                         "ways": episode.ways, "support": len(episode.support_labels),
                         "query": len(episode.query_labels), "accuracy": accuracy, "seconds": seconds,
                         "peak_memory_mib": peak, "lr": lr, "lr_basis": basis,

@@ -3,7 +3,8 @@
     python -m benchmark.leaderboard RUN_DIR [RUN_DIR ...] [--out results/] [--merge-runs]
 
 Reads every ``episodes.jsonl`` under the given directories (contract C3), ignores smoke rows, counts
-the same (run_id, adaptation, source, split, seed, episode) once, and writes into ``--out``:
+the same (run_id, adaptation, source, split, seed, episode) once, refuses rows of one episode that saw
+other images (their ``episode_digest`` differ), and writes into ``--out``:
 
 - ``table1.md`` / ``table3.md``: per test source (benchmark order), then ``ID Avg`` and ``OOD Avg``;
   one column per method × adapter of ``md_paper`` with the DINO / Sup-21k ViT-S/16 backbone;
@@ -61,7 +62,7 @@ DATA = Path(__file__).with_name("data")
 CONFIG_KEYS = ("benchmark", "backbone", "method", "variant", "adaptation")
 EPISODE_KEYS = ("source", "split", "seed", "episode")
 DEDUP_KEYS = ("run_id", "adaptation", *EPISODE_KEYS)
-OPTIONAL_KEYS = ("device", "routing_weights")
+OPTIONAL_KEYS = ("device", "routing_weights", "episode_digest")
 
 METHODS = {"pre": "Pre", "pmf": "PMF", "softmerge": "SoftMerge", "smat": "SMAT"}  # table order and paper names
 ADAPTERS = {"protonet": "", "full": "+full", "lora": "+LoRA", "gradient_free": "+gradient-free",
@@ -231,8 +232,30 @@ def load_results(paths):
     frame = frame.astype({"seed": "int64", "episode": "int64", "accuracy": "float64", "seconds": "float64",
                           "peak_memory_mib": "float64"})
     unique = frame.drop_duplicates(subset=list(DEDUP_KEYS), keep="first").reset_index(drop=True)
+    check_same_episodes(unique)
     unique["settings"] = unique["run_id"].map({run_id: run_settings(d) for run_id, d in run_dirs.items()})
     return Results(unique, run_dirs, smoke, len(frame) - len(unique))
+
+
+def check_same_episodes(rows):
+    """Rows of one episode (benchmark, source, split, seed, episode) carry one ``episode_digest`` (rows
+    written before the digest existed are not checked): otherwise their runs saw other images and their
+    numbers are not comparable, which is a `DataError` naming the first such episode and its runs."""
+    keys = ["benchmark", *EPISODE_KEYS]
+    known = rows.dropna(subset=["episode_digest"])
+    digests = known.groupby(keys, sort=True)["episode_digest"].nunique()
+    clashes = digests[digests > 1]
+    if clashes.empty:
+        return
+    first = known.set_index(keys).sort_index().loc[[clashes.index[0]]]
+    seen = "; ".join(f"{digest} in {', '.join(sorted(group['run_id'].unique()))}"
+                     for digest, group in first.groupby("episode_digest", sort=True))
+    more = f", and so do {len(clashes) - 1} more episodes" if len(clashes) > 1 else ""
+    raise DataError(
+        f"episode {'/'.join(map(str, clashes.index[0]))} has other images in other runs ({seen}){more}: their records, benchmark settings or pixel path (the decoded cache "
+        "rounds squash-resized pixels) differ, so their numbers are not comparable; leave out the runs of one "
+        "side, or evaluate them again on the same records"
+    )
 
 
 def short_run_ids(run_ids):

@@ -5,9 +5,10 @@ from collections import Counter
 import numpy as np
 import pytest
 import torch
-from conftest import pixel_code
+from conftest import pixel_code, png_bytes
 
 from benchmark.episodes import BenchmarkData, EpisodeId, episode_loader
+from benchmark.records import decode_example, encode_example, iter_records, write_records
 from methods import Task
 from benchmark.preprocess import IMAGENET_MEAN, IMAGENET_STD
 from registry.catalog import Benchmark, Source
@@ -89,6 +90,23 @@ def test_episode_is_a_pure_function_of_its_identity(bench, tmp_path):
     assert first.id == rebuilt.id == EpisodeId("toy_bench", "alpha", "valid", 0, 3)
     assert torch.equal(first.support_images, rebuilt.support_images) and torch.equal(first.query_images, rebuilt.query_images)
     np.testing.assert_array_equal(first.query_records, rebuilt.query_records)
+
+
+def test_the_episode_digest_names_the_images_by_content(bench, tmp_path):
+    """Equal for an episode rebuilt elsewhere; different for another episode, and for the same episode once
+    one record of one of its classes has other bytes (a re-conversion that keeps every count)."""
+    digest = lambda data, e: data.source("alpha").episode_digest(data.eval_episodes("alpha", "test")[e])  # noqa: E731
+    first = digest(bench, 0)
+    assert len(first) == 16 and digest(BenchmarkData(bench.benchmark, tmp_path), 0) == first
+    assert digest(bench, 1) != first
+    episode = bench.eval_episodes("alpha", "test")[0]
+    class_id, index = (int(v) for v in episode.query_records[-1])
+    path = tmp_path / "alpha" / f"{class_id}.tfrecords"
+    payloads = list(iter_records(path))
+    _, label = decode_example(payloads[index])
+    payloads[index] = encode_example(png_bytes(np.full((12, 10, 3), 7, np.uint8)), label)
+    write_records(path, payloads)
+    assert digest(BenchmarkData(bench.benchmark, tmp_path), 0) != first
 
 
 def test_different_identities_pick_different_images():

@@ -416,3 +416,26 @@ def test_corrupt_row_exits_2_naming_the_file_and_line(tmp_path, capsys):
         main([str(run), "--out", str(tmp_path / "out")])
     err = capsys.readouterr().err.strip()
     assert exit_info.value.code == 2 and len(err.splitlines()) == 1 and f"episodes.jsonl:{6 * 2 + 1}:" in err
+
+
+def test_runs_that_saw_other_images_in_one_episode_are_refused_before_anything_is_written(tmp_path, capsys):
+    """Rows of one episode identity with two ``episode_digest`` values (e.g. records converted twice) are not
+    comparable: one line naming the episode, both digests and their runs, exit 2, ``--out`` untouched.
+    Rows without a digest (written before it existed) are not checked."""
+    digest = lambda source, episode: f"{source}-{episode}"  # noqa: E731
+    same = [dict(r, episode_digest=digest(r["source"], r["episode"])) for r in run_rows(episodes=2)]
+    other = [dict(r, run_id="pmf-default-md_mini-bbbb", method="pmf") for r in same]
+    other[3]["episode_digest"] = "reconverted"
+    older = [dict(r, run_id="pre-default-md_mini-cccc", method="pre") for r in run_rows(episodes=2)]
+    runs = [write_run(tmp_path / name, rows) for name, rows in (("smat", same), ("pmf", other), ("pre", older))]
+    out = leaderboard(tmp_path, runs[0], runs[2], out="kept")
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    with pytest.raises(SystemExit) as exit_info:
+        main([*map(str, runs), "--out", str(out)])
+    err = capsys.readouterr().err.strip()
+    clash = other[3]
+    assert exit_info.value.code == 2 and len(err.splitlines()) == 1
+    assert f"episode md_mini/{clash['source']}/test/0/{clash['episode']} has other images in other runs" in err
+    assert "reconverted in pmf-default-md_mini-bbbb" in err and "in smat-default-md_mini-aaaa" in err
+    assert "more episodes" not in err  # the only one
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before

@@ -29,6 +29,7 @@ def test_every_method_gin_file_runs_as_a_smoke_job_on_the_mini_benchmark(gin_fil
     main(["--gin", gin_file, "--smoke", "--out", str(tmp_path / "run")])
     written = rows(tmp_path / "run")
     assert len(written) == 6 * 2 and all(r["smoke"] is True and r["benchmark"] == "md_mini" for r in written)
+    assert all(len(r["episode_digest"]) == 16 for r in written)
     assert (tmp_path / "run" / "config.gin").read_text().count("run.method") == 1
     trained = {written[0]["code_version"]} if "pre.gin" not in gin_file else {None}  # Pre is not trained
     assert {r["trained_code_version"] for r in written} == trained
@@ -192,6 +193,7 @@ def test_two_gloo_processes_train_and_evaluate_like_one(tmp_path, mini_root):
     key = lambda r: (r["source"], r["episode"])  # noqa: E731
     rows_one, rows_two = sorted(rows(tmp_path / "one"), key=key), sorted(rows(tmp_path / "two"), key=key)
     assert [key(r) for r in rows_one] == [key(r) for r in rows_two] and len(rows_two) == 6 * 3
+    assert [r["episode_digest"] for r in rows_one] == [r["episode_digest"] for r in rows_two]
     assert [r["accuracy"] for r in rows_one] == pytest.approx([r["accuracy"] for r in rows_two], abs=0.02)
     assert len({(r["source"], r["lr"]) for r in rows_two}) == len({r["source"] for r in rows_two})
     assert {r["run_id"][-3:] for r in rows_two} == {"-w2"} and not rows_one[0]["run_id"].endswith("-w1")
