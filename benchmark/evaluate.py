@@ -126,7 +126,7 @@ def evaluate(method, data, adapters, store, run_info, device="cpu", lr_grid=DEFA
     cuda = torch.device(device).type == "cuda"  # pinned episodes, non-blocking copies
     for source in bench.test_sources:
         episodes = data.eval_episodes(source.name, Split.TEST, num_episodes=num_episodes)
-        described = {}  # episode -> what the method adds to its rows (the same for every adapter)
+        described = {}  # episode -> what the method adds to its rows, and its digest (the same for all adapters)
         for adapter_name in adapters:
             adapter = get_adapter(adapter_name, method)
             lr, basis = choose_lr(method, adapter_name, data, source.name, lr_grid, search_episodes, device, lr_cache)
@@ -143,12 +143,13 @@ def evaluate(method, data, adapters, store, run_info, device="cpu", lr_grid=DEFA
                     task = Task.from_episode(episode, device)
                     accuracy, seconds, peak = adapt_and_score(method, adapter, episode, lr, device, task)
                     if episode.id.episode not in described:
-                        described[episode.id.episode] = method.describe_task(task.support_x, task.support_y, task.ways)
+                        described[episode.id.episode] = dict(
+                            method.describe_task(task.support_x, task.support_y, task.ways),
+                            episode_digest=data.source(source.name).episode_digest(episode))
                     row = {
                         **described[episode.id.episode],
                         **run_info, "adaptation": adapter_name, "benchmark": bench.name, "source": source.name,
                         "role": source.role, "split": "test", "seed": episode.id.seed, "episode": episode.id.episode,
-                        "episode_digest": data.source(source.name).episode_digest(episode),
                         "ways": episode.ways, "support": len(episode.support_labels),
                         "query": len(episode.query_labels), "accuracy": accuracy, "seconds": seconds,
                         "peak_memory_mib": peak, "lr": lr, "lr_basis": basis,

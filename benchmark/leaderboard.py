@@ -252,9 +252,9 @@ def check_same_episodes(rows):
                      for digest, group in first.groupby("episode_digest", sort=True))
     more = f", and so do {len(clashes) - 1} more episodes" if len(clashes) > 1 else ""
     raise DataError(
-        f"episode {'/'.join(map(str, clashes.index[0]))} has other images in other runs ({seen}){more}: their records, benchmark settings or pixel path (the decoded cache "
-        "rounds squash-resized pixels) differ, so their numbers are not comparable; leave out the runs of one "
-        "side, or evaluate them again on the same records"
+        f"episode {'/'.join(map(str, clashes.index[0]))} has other images in other runs ({seen}){more}: their "
+        "records, benchmark settings or pixel path (the decoded cache rounds squash-resized pixels) differ, so "
+        "their numbers are not comparable; leave out the runs of one side, or evaluate them again on the same records"
     )
 
 

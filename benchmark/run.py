@@ -280,7 +280,7 @@ def load_checkpoint(path, run):
     except RuntimeError as err:
         raise DataError(f"{path}: its tensors do not fit this model ({' '.join(str(err).split())[:300]})") from None
     run.trained_code_version = state.get("code_version")
-    run.trained_processes = state.get("processes", len(state.get("torch_rng", ())) or None)  # older files: from their RNGs
+    run.trained_processes = state.get("processes", len(state.get("torch_rng", ())) or None)  # older: from the RNGs
     return state
 
 
