@@ -26,15 +26,18 @@ status=0
 
 timeout 210 $python -m pytest -q -p no:cacheprovider tests/methods/test_fast_path.py > "$out/fast_path.log" 2>&1 &
 tests=$!
-smoke_runs() {
+smoke_runs() {  # each run's whole log in OUT_DIR/smoke-METHOD.log (kept if the stage limit cuts it), its end here
     for method in pre pmf softmerge smat; do
         echo "== $method"
         $python -m benchmark.run --gin "methods/$method.gin" --smoke --bind "run.device = '$device'" \
-            --adapt protonet,full,lora --out "$work/smoke-$method" 2>&1 | tail -n 12 || return 1
+            --adapt protonet,full,lora --out "$work/smoke-$method" > "$out/smoke-$method.log" 2>&1
+        ran=$?
+        tail -n 12 "$out/smoke-$method.log"
+        [ $ran -eq 0 ] || return 1
     done
 }
 export -f smoke_runs
-export python device work
+export python device work out
 timeout 210 bash -c smoke_runs > "$out/smoke.log" 2>&1 &
 smoke=$!
 wait $tests || { status=1; echo "fast-path tests FAILED"; }
