@@ -1,6 +1,7 @@
 """The submitit job: one ``python -m benchmark.run`` invocation, requeued on time-out or preemption.
 
-All of a run's state lives in its run directory, so the job pickles nothing but its command line:
+All of a run's state lives in its run directory, so the job pickles nothing but its command line and
+the directory it runs in:
 on SIGUSR2 (SLURM's warning before the time limit, or a preemption) submitit calls `checkpoint`, which
 returns a fresh job with the same arguments; the requeued job runs the same command, and
 ``benchmark.run`` resumes training from ``RUN_DIR/checkpoints/last.pt`` and evaluation from the first
@@ -30,12 +31,15 @@ class BenchmarkJob:
         >>> executor.submit(BenchmarkJob(), ["--gin", "methods/smat.gin", "--out", "/runs/smat"])  # doctest: +SKIP
     """
 
+    workdir = None  # what a job pickled before jobs had a directory unpickles to: it runs where it starts
+
     def __init__(self, workdir=None):
         self.workdir = os.path.abspath(workdir or os.getcwd())
 
     def __call__(self, argv):
         argv = list(argv)
-        os.chdir(self.workdir)
+        if self.workdir:
+            os.chdir(self.workdir)
         if os.environ.get("SLURM_CPUS_PER_TASK"):
             os.environ.setdefault("OMP_NUM_THREADS", os.environ["SLURM_CPUS_PER_TASK"])  # before torch is imported
         if os.environ.get("SUBMITIT_EXECUTOR"):

@@ -160,6 +160,13 @@ def test_checkpoint_requeues_a_fresh_job_with_the_same_command_and_directory(tmp
     assert delayed.function.workdir == str(tmp_path)
 
 
+def test_a_job_pickled_before_jobs_had_a_directory_runs_where_it_starts_and_requeues():
+    old = BenchmarkJob.__new__(BenchmarkJob)  # what unpickling such a job gives: no workdir of its own
+    assert isinstance(old.checkpoint(["--gin", "x.gin"]).function, BenchmarkJob)
+    with pytest.raises(DataError, match="gin file methods/nope.gin: not found"):
+        old(["--gin", "methods/nope.gin"])
+
+
 def test_failed_points_resubmitted_from_elsewhere_run_where_the_sweep_was_submitted(tmp_path, mini_root, monkeypatch):
     """A point failed (here: a GPU this machine lacks), the user's own gin file (relative to where the sweep
     was submitted) is fixed, and the points are resubmitted from another directory: they find the file."""
