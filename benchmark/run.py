@@ -172,11 +172,6 @@ def build(config, out=None, checkpoint=None):
     backbone = create_backbone(config.backbone, pretrained=True, weights_file=weights)
     method = create_method(config.method, backbone=backbone).to(device)
     if distributed.world_size() > 1:
-        if method.tasks_per_step % distributed.world_size():
-            raise DataError(
-                f"{config.method}.tasks_per_step = {method.tasks_per_step} cannot be split over "
-                f"{distributed.world_size()} processes; bind it to a multiple of the process count"
-            )
         torch.manual_seed(config.seed + 1_000 * distributed.rank())  # independent noise per process
     text = gin.operative_config_str() + _later_bindings()
     if checkpoint is not None:
@@ -280,8 +275,17 @@ def load_checkpoint(path, run):
     except RuntimeError as err:
         raise DataError(f"{path}: its tensors do not fit this model ({' '.join(str(err).split())[:300]})") from None
     run.trained_code_version = state.get("code_version")
-    run.trained_processes = state.get("processes", len(state.get("torch_rng", ())) or None)  # older: from the RNGs
+    run.trained_processes = state.get("processes") or _processes_before_they_were_recorded(state, path)
     return state
+
+
+def _processes_before_they_were_recorded(state, path):
+    """The training processes of a checkpoint written before checkpoints recorded them: the count of its
+    RNG states, else of those of ``last.pt`` beside it (``best.pt`` had none); None if neither is there."""
+    last = Path(path).with_name("last.pt")
+    if "torch_rng" not in state and last.is_file():
+        state = torch.load(last, map_location="cpu", weights_only=True, mmap=True)
+    return len(state.get("torch_rng", ())) or None
 
 
 # --- training ----------------------------------------------------------------------------------------
@@ -413,9 +417,15 @@ def execute(args):
     job = build(config, args.out, checkpoint)
     for name in config.adapters:
         get_adapter(name, job.method)  # an adapter that does not apply fails now, not after meta-training
+    trains = args.stage in ("train", "all") and checkpoint is None and job.method.trains
+    if trains and job.method.tasks_per_step % distributed.world_size():
+        raise DataError(
+            f"{config.method}.tasks_per_step = {job.method.tasks_per_step} cannot be split over "
+            f"{distributed.world_size()} processes for meta-training; bind it to a multiple of the process count"
+        )
     claim_directory(job)
     print(f"run in {job.directory} on {_device_name(job.device)}", file=sys.stderr)
-    if args.stage in ("train", "all") and checkpoint is None and job.method.trains:
+    if trains:
         checkpoint = train(job)
     if args.stage in ("eval", "all"):
         if checkpoint is not None:

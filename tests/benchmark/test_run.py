@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -196,7 +197,7 @@ def test_two_gloo_processes_train_and_evaluate_like_one(tmp_path, mini_root):
     assert [r["episode_digest"] for r in rows_one] == [r["episode_digest"] for r in rows_two]
     assert [r["accuracy"] for r in rows_one] == pytest.approx([r["accuracy"] for r in rows_two], abs=0.02)
     assert len({(r["source"], r["lr"]) for r in rows_two}) == len({r["source"] for r in rows_two})
-    assert {r["run_id"][-3:] for r in rows_two} == {"-w2"} and not rows_one[0]["run_id"].endswith("-w1")
+    assert {r["run_id"][-3:] for r in rows_two} == {"-w2"} and not re.search(r"-w\d+$", rows_one[0]["run_id"])
     # an evaluation cut short and finished by one process keeps the run id of the two that trained the model
     episodes = tmp_path / "two" / "episodes.jsonl"
     episodes.write_text("".join(line + "\n" for line in episodes.read_text().splitlines()[:5]))
@@ -208,6 +209,31 @@ def test_two_gloo_processes_train_and_evaluate_like_one(tmp_path, mini_root):
                                    timeout=300)
     assert all(p.returncode == 2 and "holds a run with another operative config" in err
                for p, (_, err) in zip(procs, outputs)), outputs
+
+
+def test_run_ids_name_the_processes_that_trained_the_model(tmp_path, mini_root):
+    """Pre, which does not train, runs on two processes (whatever its tasks_per_step) and has no ``-wN``;
+    meta-training that cannot split its tasks over them is refused before the run directory exists; a run
+    whose checkpoints predate the recorded process count takes it from the RNG states of its ``last.pt``."""
+    procs, outputs = two_processes("--gin", "methods/pre.gin", "--smoke", "--out", str(tmp_path / "pre"), port=29633)
+    assert all(p.returncode == 0 for p in procs), outputs
+    procs, outputs = two_processes("--gin", "methods/pmf.gin", "--smoke", "--bind", "pmf.tasks_per_step = 3",
+                                   "--out", str(tmp_path / "odd"), port=29634)
+    assert all(p.returncode == 2 and "cannot be split over 2 processes" in err
+               for p, (_, err) in zip(procs, outputs)), outputs
+    assert not (tmp_path / "odd").exists()
+    assert {r["run_id"] for r in rows(tmp_path / "pre")} == {rows(tmp_path / "pre")[0]["run_id"]}
+    assert not re.search(r"-w\d+$", rows(tmp_path / "pre")[0]["run_id"])
+    main(["--gin", "methods/pmf.gin", "--smoke", "--stage", "train", "--out", str(tmp_path / "pmf")])
+    for name in ("best.pt", "last.pt"):  # as an older version wrote them after two processes trained
+        path = tmp_path / "pmf" / "checkpoints" / name
+        state = torch.load(path, weights_only=True)
+        del state["processes"]
+        if "torch_rng" in state:
+            state["torch_rng"], state["cuda_rng"] = state["torch_rng"] * 2, state["cuda_rng"] * 2
+        torch.save(state, path)
+    main(["--gin", "methods/pmf.gin", "--smoke", "--stage", "eval", "--out", str(tmp_path / "pmf")])
+    assert {r["run_id"][-3:] for r in rows(tmp_path / "pmf")} == {"-w2"}
 
 
 def two_processes(*args, port, timeout=600):
