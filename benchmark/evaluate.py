@@ -13,8 +13,9 @@ For each (source, adapter):
    episodes for every method — skipping those already in ``episodes.jsonl`` (resume).
    With several processes, episodes are dealt out round by round and rank 0 writes every row.
 3. **A row per episode** (contract C3) as soon as it finishes, with the wall seconds of adaptation
-   plus prediction and the peak GPU memory (null on CPU), plus what the method adds about the task
-   (`methods.Method.describe_task`, e.g. SMAT's routing weights).
+   plus prediction and the peak GPU memory (null on CPU), the episode's digest
+   (`benchmark.episodes.SourceRecords.episode_digest`: which images, by content) and what the method
+   adds about the task (`methods.Method.describe_task`, e.g. SMAT's routing weights).
 """
 
 import json

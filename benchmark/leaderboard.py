@@ -182,7 +182,7 @@ class Results:
 
     Attributes:
         rows: one row per (run_id, adaptation, source, split, seed, episode): C3 keys, ``device``,
-            ``routing_weights`` (None where absent).
+            ``routing_weights``, ``episode_digest`` (None where absent).
         run_dirs: run_id → the directory of the first ``episodes.jsonl`` holding it (for
             ``config.gin`` and ``method_report.json``).
         smoke_rows, repeated_rows: how many rows were ignored as smoke or as repeats.
@@ -231,16 +231,17 @@ def load_results(paths):
     frame = pd.DataFrame([{key: row.get(key) for key in columns} for row in kept], columns=columns)
     frame = frame.astype({"seed": "int64", "episode": "int64", "accuracy": "float64", "seconds": "float64",
                           "peak_memory_mib": "float64"})
+    check_same_episodes(frame)  # before repeated rows are dropped: a copy of a run may have seen other images
     unique = frame.drop_duplicates(subset=list(DEDUP_KEYS), keep="first").reset_index(drop=True)
-    check_same_episodes(unique)
     unique["settings"] = unique["run_id"].map({run_id: run_settings(d) for run_id, d in run_dirs.items()})
     return Results(unique, run_dirs, smoke, len(frame) - len(unique))
 
 
 def check_same_episodes(rows):
     """Rows of one episode (benchmark, source, split, seed, episode) carry one ``episode_digest`` (rows
-    written before the digest existed are not checked): otherwise their runs saw other images and their
-    numbers are not comparable, which is a `DataError` naming the first such episode and its runs."""
+    written before the digest existed are not checked): otherwise their runs (or two copies of one run)
+    saw other images and their numbers are not comparable, which is a `DataError` naming the first such
+    episode and its runs."""
     keys = ["benchmark", *EPISODE_KEYS]
     known = rows.dropna(subset=["episode_digest"])
     digests = known.groupby(keys, sort=True)["episode_digest"].nunique()
@@ -252,7 +253,7 @@ def check_same_episodes(rows):
                      for digest, group in first.groupby("episode_digest", sort=True))
     more = f", and so do {len(clashes) - 1} more episodes" if len(clashes) > 1 else ""
     raise DataError(
-        f"episode {'/'.join(map(str, clashes.index[0]))} has other images in other runs ({seen}){more}: their "
+        f"episode {'/'.join(map(str, clashes.index[0]))} has other images in other rows ({seen}){more}: their "
         "records, benchmark settings or pixel path (the decoded cache rounds squash-resized pixels) differ, so "
         "their numbers are not comparable; leave out the runs of one side, or evaluate them again on the same records"
     )

@@ -435,7 +435,11 @@ def test_runs_that_saw_other_images_in_one_episode_are_refused_before_anything_i
     err = capsys.readouterr().err.strip()
     clash = other[3]
     assert exit_info.value.code == 2 and len(err.splitlines()) == 1
-    assert f"episode md_mini/{clash['source']}/test/0/{clash['episode']} has other images in other runs" in err
+    assert f"episode md_mini/{clash['source']}/test/0/{clash['episode']} has other images in other rows" in err
     assert "reconverted in pmf-default-md_mini-bbbb" in err and "in smat-default-md_mini-aaaa" in err
     assert "more episodes" not in err  # the only one
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    copy = write_run(tmp_path / "copy", [dict(r, episode_digest="elsewhere") if i == 0 else r for i, r in enumerate(same)])
+    with pytest.raises(SystemExit) as exit_info:  # a copy of one run that saw other images is not a repeat
+        main([str(runs[0]), str(copy), "--out", str(out)])
+    assert exit_info.value.code == 2 and "elsewhere in smat-default-md_mini-aaaa" in capsys.readouterr().err
