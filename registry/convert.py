@@ -38,8 +38,9 @@ counts against ``registry/sources.toml`` with `Source.load_spec`), and only then
 ``RECORDS_ROOT/NAME`` as a whole, with two renames (old copy out, new copy in) once the new copy has
 passed every check; the old copy is then deleted, or put back if the new one cannot move in (and kept
 in ``.NAME.partial-*/replaced/``, named by the error, if it cannot go back either). A process killed
-outright (SIGKILL, power loss) can leave a ``.NAME.partial-*`` directory, which is safe to delete
-(killed between the two renames, it holds the old copy as ``replaced/``). Output is deterministic:
+outright (SIGKILL, power loss) can leave a ``.NAME.partial-*`` directory; killed between the two renames,
+it holds the old copy as ``replaced/`` (move that back to ``RECORDS_ROOT/NAME`` if there is none), else
+it is safe to delete. Output is deterministic:
 the same raw data gives byte-identical files for any ``--workers``; ``dataset_spec.json`` stores the
 official placeholder ``path`` (``/path/to/records/NAME``), which loaders replace with the real
 directory. A progress bar (images written) goes to stderr when it is a terminal.
@@ -447,11 +448,12 @@ def convert(name, raw_dir, records_root, workers=1):
             if replaced.exists() or replaced.is_symlink():
                 try:
                     replaced.rename(final)  # the old copy goes back
-                except OSError as restore_err:
+                except BaseException as restore_err:
                     stranded = True
                     raise DataError(
                         f"{final}: the new copy could not be moved in ({err}) nor the old copy back ({restore_err}); "
-                        f"the old copy is kept at {replaced}: move it to {final} by hand"
+                        f"both are kept: the old copy at {replaced}, the verified new one at {directory}; move "
+                        f"one of them to {final} by hand"
                     ) from err
             raise
     finally:

@@ -429,9 +429,11 @@ def test_a_failed_swap_puts_the_existing_copy_back(tmp_path, monkeypatch):
 
 def test_an_old_copy_that_cannot_go_back_is_kept_and_named(tmp_path, monkeypatch):
     before, err = _converted_twice_with_failing_moves(tmp_path, monkeypatch, failing=("cifar10", "replaced"))
-    assert isinstance(err, DataError) and "the old copy is kept at" in str(err)
-    kept = Path(str(err).split("kept at ")[1].split(": move it")[0])
+    assert isinstance(err, DataError) and "both are kept" in str(err)
+    kept = Path(str(err).split("the old copy at ")[1].split(", the verified")[0])
+    new = Path(str(err).split("the verified new one at ")[1].split("; move")[0])
     assert kept.name == "replaced" and _files(kept) == before
+    assert new.name == "cifar10" and _files(new) == before  # the same raw data: the same bytes
 
 
 def test_rerun_replaces_the_existing_copy_as_a_whole(tmp_path):
