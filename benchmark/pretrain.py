@@ -65,7 +65,7 @@ def pretrained_weights(data, backbone_name, steps):
     finally:
         torch.set_num_threads(threads)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")  # unique across nodes; the umask's mode
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")  # unique across nodes and processes
     try:
         save_file(state, tmp)
         os.replace(tmp, path)
