@@ -253,18 +253,25 @@ def save_checkpoint(path, run, step, best_valid, with_training_state=True):
     os.replace(tmp, path)
 
 
-def load_checkpoint(path, run):
-    """The checkpoint at ``path`` (``weights_only``), checked to belong to this run's method, loaded into it;
-    the code version and process count that wrote it become the run's ``trained_code_version`` and
-    ``trained_processes``."""
+def read_checkpoint(path, mmap=False):
+    """The state dict of the checkpoint at ``path`` (``weights_only``; ``mmap``: tensors not read until
+    used); a missing, corrupt or foreign file is one `DataError`."""
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except FileNotFoundError:
         raise DataError(f"--checkpoint {path}: no such file") from None
     except Exception as err:  # noqa: BLE001 - a corrupt or foreign file: one clear message
         raise DataError(f"{path}: not a smat-bench checkpoint ({type(err).__name__}: {err})") from None
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
         raise DataError(f"{path}: not a smat-bench checkpoint (format {CHECKPOINT_FORMAT})")
+    return state
+
+
+def load_checkpoint(path, run):
+    """The checkpoint at ``path`` (`read_checkpoint`), checked to belong to this run's method, loaded into it;
+    the code version and process count that wrote it become the run's ``trained_code_version`` and
+    ``trained_processes``."""
+    state = read_checkpoint(path)
     if (state["method"], state["variant"]) != (run.config.method, run.variant):
         raise DataError(
             f"{path} is a checkpoint of method {state['method']!r} (variant {state['variant']!r}), "
@@ -284,7 +291,7 @@ def _processes_before_they_were_recorded(state, path):
     RNG states, else of those of ``last.pt`` beside it (``best.pt`` had none); None if neither is there."""
     last = Path(path).with_name("last.pt")
     if "torch_rng" not in state and last.is_file():
-        state = torch.load(last, map_location="cpu", weights_only=True, mmap=True)
+        state = read_checkpoint(last, mmap=True)
     return len(state.get("torch_rng", ())) or None
 
 
@@ -331,7 +338,7 @@ def total_steps(run):
 def trained_steps(run):
     """Meta-updates done so far (those of ``checkpoints/last.pt``; 0 without it), read without loading its tensors."""
     last = run.directory / "checkpoints" / "last.pt"
-    return torch.load(last, map_location="cpu", weights_only=True, mmap=True)["step"] if last.exists() else 0
+    return read_checkpoint(last, mmap=True)["step"] if last.exists() else 0
 
 
 def train(run):
@@ -417,7 +424,8 @@ def execute(args):
     job = build(config, args.out, checkpoint)
     for name in config.adapters:
         get_adapter(name, job.method)  # an adapter that does not apply fails now, not after meta-training
-    trains = args.stage in ("train", "all") and checkpoint is None and job.method.trains
+    trains = (args.stage in ("train", "all") and checkpoint is None and job.method.trains
+              and trained_steps(job) < total_steps(job))  # a finished run evaluates with any process count
     if trains and job.method.tasks_per_step % distributed.world_size():
         raise DataError(
             f"{config.method}.tasks_per_step = {job.method.tasks_per_step} cannot be split over "

@@ -103,6 +103,19 @@ def test_bad_input_exits_2_with_one_line(tmp_path, mini_root):
     assert not (tmp_path / "x").exists()
 
 
+def test_a_damaged_last_checkpoint_is_one_line_naming_it_and_keeps_the_rows(tmp_path, mini_root, capsys):
+    main(["--gin", "methods/pmf.gin", "--smoke", "--out", str(tmp_path / "r")])
+    before = (tmp_path / "r" / "episodes.jsonl").read_bytes()
+    last = tmp_path / "r" / "checkpoints" / "last.pt"
+    last.write_bytes(last.read_bytes()[:1000])  # e.g. a copy cut short
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--gin", "methods/pmf.gin", "--smoke", "--out", str(tmp_path / "r")])
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert exit_info.value.code == 2 and f"{last}: not a smat-bench checkpoint" in err
+    assert (tmp_path / "r" / "episodes.jsonl").read_bytes() == before
+
+
 def test_adapter_and_fast_path_bindings_are_part_of_the_run_config(mini_root):
     """They are called only after config.gin is written, so gin's operative config alone would miss them."""
     from benchmark.run import build
@@ -198,10 +211,12 @@ def test_two_gloo_processes_train_and_evaluate_like_one(tmp_path, mini_root):
     assert [r["accuracy"] for r in rows_one] == pytest.approx([r["accuracy"] for r in rows_two], abs=0.02)
     assert len({(r["source"], r["lr"]) for r in rows_two}) == len({r["source"] for r in rows_two})
     assert {r["run_id"][-3:] for r in rows_two} == {"-w2"} and not re.search(r"-w\d+$", rows_one[0]["run_id"])
-    # an evaluation cut short and finished by one process keeps the run id of the two that trained the model
+    # an evaluation cut short and finished by one process (the same command: training is done) keeps the
+    # run id of the two that trained the model
     episodes = tmp_path / "two" / "episodes.jsonl"
     episodes.write_text("".join(line + "\n" for line in episodes.read_text().splitlines()[:5]))
-    assert cli(*args, "--stage", "eval", "--out", str(tmp_path / "two")).returncode == 0
+    finished = cli(*args, "--out", str(tmp_path / "two"))
+    assert finished.returncode == 0, finished.stderr
     untimed = lambda rs: [{k: v for k, v in r.items() if k not in TIMING} for r in rs]  # noqa: E731
     assert untimed(sorted(rows(tmp_path / "two"), key=key)) == untimed(rows_two)
     # a refused run directory stops both processes (the second one used to wait for the first)
