@@ -424,8 +424,8 @@ def execute(args):
     job = build(config, args.out, checkpoint)
     for name in config.adapters:
         get_adapter(name, job.method)  # an adapter that does not apply fails now, not after meta-training
-    trains = (args.stage in ("train", "all") and checkpoint is None and job.method.trains
-              and trained_steps(job) < total_steps(job))  # a finished run evaluates with any process count
+    done, total = trained_steps(job), total_steps(job)  # before any training; the eval stage reads them too
+    trains = args.stage in ("train", "all") and checkpoint is None and job.method.trains and done < total
     if trains and job.method.tasks_per_step % distributed.world_size():
         raise DataError(
             f"{config.method}.tasks_per_step = {job.method.tasks_per_step} cannot be split over "
@@ -439,7 +439,7 @@ def execute(args):
         if checkpoint is not None:
             load_checkpoint(checkpoint, job)
         elif job.method.trains:
-            best, done, total = job.directory / "checkpoints" / "best.pt", trained_steps(job), total_steps(job)
+            best = job.directory / "checkpoints" / "best.pt"
             if not best.exists():
                 raise DataError(f"{job.directory}: no checkpoint to evaluate; run --stage train first or pass --checkpoint")
             if done < total:
