@@ -38,12 +38,12 @@ counts against ``registry/sources.toml`` with `Source.load_spec`), and only then
 ``RECORDS_ROOT/NAME`` as a whole, with two renames (old copy out, new copy in) once the new copy has
 passed every check; the old copy is then deleted, or put back if the new one cannot move in (and kept
 in ``.NAME.partial-*/replaced/``, named by the error, if it cannot go back either). A process killed
-outright (SIGKILL, power loss) can leave a ``.NAME.partial-*`` directory; killed between the two renames,
-it holds the old copy as ``replaced/`` (move that back to ``RECORDS_ROOT/NAME`` if there is none), else
-it is safe to delete. Output is deterministic:
-the same raw data gives byte-identical files for any ``--workers``; ``dataset_spec.json`` stores the
-official placeholder ``path`` (``/path/to/records/NAME``), which loaders replace with the real
-directory. A progress bar (images written) goes to stderr when it is a terminal.
+outright (SIGKILL, power loss) can leave a ``.NAME.partial-*`` directory; killed between the two
+renames, it holds the old copy as ``replaced/`` (move that back to ``RECORDS_ROOT/NAME`` if there is
+none), else it is safe to delete. Output is deterministic: the same raw data gives byte-identical files
+for any ``--workers``; ``dataset_spec.json`` stores the official placeholder ``path``
+(``/path/to/records/NAME``), which loaders replace with the real directory. A progress bar (images
+written) goes to stderr when it is a terminal.
 
 Adding a source: declare it in ``sources.toml`` with ``converter = "smat-bench"`` and write one
 function ``RAW_DIR -> RawSource`` decorated with ``@register_converter(name, layout=..., url=...)``.

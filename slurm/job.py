@@ -1,11 +1,11 @@
 """The submitit job: one ``python -m benchmark.run`` invocation, requeued on time-out or preemption.
 
 All of a run's state lives in its run directory, so the job pickles nothing but its command line and
-the directory it runs in:
-on SIGUSR2 (SLURM's warning before the time limit, or a preemption) submitit calls `checkpoint`, which
-returns a fresh job with the same arguments; the requeued job runs the same command, and
-``benchmark.run`` resumes training from ``RUN_DIR/checkpoints/last.pt`` and evaluation from the first
-missing row of ``RUN_DIR/episodes.jsonl``. (dinov2's ``run/train/train.py`` ``Trainer`` is the model.)
+the directory it runs in: on SIGUSR2 (SLURM's warning before the time limit, or a preemption) submitit
+calls `checkpoint`, which returns a fresh job with the same arguments; the requeued job runs the same
+command, and ``benchmark.run`` resumes training from ``RUN_DIR/checkpoints/last.pt`` and evaluation
+from the first missing row of ``RUN_DIR/episodes.jsonl``. (dinov2's ``run/train/train.py``
+``Trainer`` is the model.)
 """
 
 import os

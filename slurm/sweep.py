@@ -18,8 +18,8 @@ earlier ids), run directory and last known status. ``--status`` prints every poi
 the job's result file, else ``sacct``) and the number of result rows in its run directory, and names
 the failed points; ``--resubmit-failed`` resubmits only those (as one array; each resumes from its run
 directory, in the directory the sweep was submitted from, so relative paths keep their meaning);
-``--wait`` blocks with a progress bar until every job ended, prints the summary and exits
-1 when a point failed. ``--local`` runs the points on this machine, K at a time (default 1), and waits.
+``--wait`` blocks with a progress bar until every job ended, prints the summary and exits 1 when a
+point failed. ``--local`` runs the points on this machine, K at a time (default 1), and waits.
 """
 
 import argparse
