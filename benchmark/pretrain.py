@@ -68,10 +68,18 @@ def pretrained_weights(data, backbone_name, steps):
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")  # unique across nodes and processes
     try:
         save_file(state, tmp)
+        os.chmod(tmp, 0o666 & ~_umask())  # safetensors writes 0600; a shared records root needs the usual mode
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
     return path
+
+
+def _umask():
+    """The process's file-creation mask (``os.umask`` can only be read by setting it)."""
+    mask = os.umask(0o077)
+    os.umask(mask)
+    return mask
 
 
 def _train(data, backbone_name, steps):

@@ -1,6 +1,8 @@
 """Pre-trained weights of the mini backbone: cached per everything that shapes them."""
 
 import dataclasses
+import os
+import stat
 
 import pytest
 import torch
@@ -55,3 +57,20 @@ def test_the_cache_file_is_written_through_a_temporary_file_of_its_own(mini_root
         assert not path.exists() and not [p for p in path.parent.iterdir() if p.name.startswith(f".{path.name}")]
     finally:
         path.unlink(missing_ok=True)
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+def test_the_cache_file_has_the_mode_the_umask_gives(mini_root, monkeypatch, umask):
+    """Other users of a shared records root can read the weights when the umask lets them (safetensors itself
+    writes every file with mode 0600)."""
+    monkeypatch.setattr(pretrain, "_train", lambda data, backbone_name, steps: {"weight": torch.zeros(1)})
+    data = BenchmarkData(get_benchmark("md_mini"), mini_root)
+    previous = os.umask(umask)
+    try:
+        path = pretrain.pretrained_weights(data, MINI_BACKBONE, steps=3)
+    finally:
+        os.umask(previous)
+    try:
+        assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~umask
+    finally:
+        path.unlink()
