@@ -246,9 +246,19 @@ def submit(argv):
 
 
 def _submit_entries(manifest, executor, entries):
-    """Submit ``entries`` as one array, run where the sweep was submitted (older manifests: here)."""
+    """Submit ``entries`` as one array, run where the sweep was submitted (older manifests: here).
+
+    A local job's id is its process id, which an earlier job of the sweep may have had: every earlier
+    local job's state is read first, and the result file an earlier job left under the new id is removed
+    (a process started an instant ago has written none yet).
+    """
+    local = manifest["cluster"] == "local"
+    if local:
+        _refresh(manifest)
     jobs = submit_jobs(executor, [e["argv"] for e in entries], manifest.get("workdir"))
     for entry, job in zip(entries, jobs):
+        if local:
+            _result_path(manifest["folder"], job.job_id).unlink(missing_ok=True)
         entry["job_id"] = str(job.job_id)
         entry["jobs"].append(entry["job_id"])
         entry["status"] = "PENDING"
@@ -269,15 +279,34 @@ def _run_locally(manifest_path, manifest, executor, entries, parallelism):
 # --- status ---------------------------------------------------------------------------------------------
 
 
+def _result_path(folder, job_id):
+    from submitit.core.utils import JobPaths
+
+    return JobPaths(folder, job_id=str(job_id), task_id=0).result_pickle
+
+
 def _result(folder, job_id):
     """('success', value) / ('error', traceback) from the job's result file, or None while there is none."""
-    from submitit.core.utils import JobPaths, pickle_load
+    from submitit.core.utils import pickle_load
 
-    path = JobPaths(folder, job_id=job_id, task_id=0).result_pickle
     try:
-        return pickle_load(path)
+        return pickle_load(_result_path(folder, job_id))
     except (FileNotFoundError, EOFError):
         return None
+
+
+def _runs_a_local_job(pid):
+    """Whether process ``pid`` exists and, where ``/proc`` tells, runs submitit (not a program that got the id later)."""
+    try:
+        os.kill(pid, 0)
+    except OSError:  # no such process, or another user's
+        return False
+    if not Path("/proc/self").exists():  # no /proc on this system: the id alone must do
+        return True
+    try:
+        return b"submitit" in Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:  # it ended just now
+        return False
 
 
 def _rows(run_dir):
@@ -327,23 +356,28 @@ def _states(manifest, entries):
                 states[job_id] = held.get(job_id, ended).split()[0]
     elif unresolved:  # local: the job's process id
         for job_id in unresolved:
-            try:
-                os.kill(int(job_id), 0)
-                states[job_id] = "RUNNING"
-            except (OSError, ValueError):
-                states[job_id] = "LOST"
+            states[job_id] = "RUNNING" if job_id.isdigit() and _runs_a_local_job(int(job_id)) else "LOST"
     return states
+
+
+def _refresh(manifest):
+    """Update every submitted point's status, and every point's result rows, in ``manifest``.
+
+    A local point's state is final once its process ended: a later job may get its process id again.
+    """
+    local = manifest["cluster"] == "local"
+    entries = [e for e in manifest["points"] if e["job_id"] and not (local and e["status"] not in ACTIVE)]
+    states = _states(manifest, entries) if entries else {}
+    for entry in entries:
+        entry["status"] = states[entry["job_id"]]
+    for entry in manifest["points"]:
+        entry["rows"] = _rows(entry["run_dir"])
 
 
 def status(path):
     """Refresh and save every point's status and result rows; returns ``(manifest path, manifest)``."""
     path, manifest = load(path)
-    entries = [e for e in manifest["points"] if e["job_id"]]
-    states = _states(manifest, entries) if entries else {}
-    for entry in manifest["points"]:
-        if entry["job_id"]:
-            entry["status"] = states[entry["job_id"]]
-        entry["rows"] = _rows(entry["run_dir"])
+    _refresh(manifest)
     save(path, manifest)
     return path, manifest
 

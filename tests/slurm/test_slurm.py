@@ -151,6 +151,47 @@ def test_a_preempted_job_is_active_while_requeued_and_failed_once_it_is_not(tmp_
     assert [e["job_id"] for e in sweep.failed(manifest)] == ["12"]
 
 
+def test_a_local_job_that_gets_an_earlier_jobs_process_id_is_not_taken_for_it(tmp_path):
+    """Local job ids are process ids. Point ``a`` ended (its result file is there, its state not yet read);
+    point ``b``'s new process gets the same id: ``a`` stays completed, ``b`` is running, not ``a``'s result."""
+    import pickle
+
+    folder = tmp_path / "submitit"
+    folder.mkdir()
+    process = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", "submitit"])
+    pid = str(process.pid)
+    (folder / f"{pid}_0_result.pkl").write_bytes(pickle.dumps(("success", "a's run directory")))
+
+    class Executor:  # the local executor, started a process that got a's id again
+        def submit(self, job, argv):
+            return type("Job", (), {"job_id": pid})()
+
+    def point(name, job_id, state):
+        return dict(name=name, run_dir=str(tmp_path / name), argv=[], job_id=job_id, jobs=[job_id] if job_id else [],
+                    status=state, rows=0)
+
+    manifest = dict(format=sweep.FORMAT, cluster="local", folder=str(folder), points=[point("a", pid, "PENDING"),
+                    point("b", None, "NOT SUBMITTED")])
+    path = tmp_path / sweep.MANIFEST
+    try:
+        sweep._submit_entries(manifest, Executor(), manifest["points"][1:])
+        sweep.save(path, manifest)
+        _, manifest = sweep.status(path)
+        assert [e["status"] for e in manifest["points"]] == ["COMPLETED", "RUNNING"]
+    finally:
+        process.kill()
+        process.wait()
+    (folder / f"{pid}_0_result.pkl").write_bytes(pickle.dumps(("error", "Traceback: b failed")))
+    _, manifest = sweep.status(path)
+    assert [e["status"] for e in manifest["points"]] == ["COMPLETED", "FAILED"]
+
+
+def test_a_process_that_got_a_local_jobs_id_later_is_not_the_job(tmp_path):
+    """A point whose process is gone, its id now held by another program (here: this test), is lost."""
+    manifest = dict(cluster="local", folder=str(tmp_path), points=[{"job_id": str(os.getpid()), "status": "RUNNING"}])
+    assert sweep._states(manifest, manifest["points"]) == {str(os.getpid()): "LOST"}
+
+
 def test_checkpoint_requeues_a_fresh_job_with_the_same_command_and_directory(tmp_path):
     argv = ["--gin", "methods/smat.gin", "--out", "/runs/x"]
     job = BenchmarkJob(tmp_path)
