@@ -330,22 +330,30 @@ class RecordFile:
         self._file = self._pid = None
 
 
+JPEG_TRUNCATED = "Premature end of JPEG file"  # libjpeg's JWRN_JPEG_EOF, the one warning TF's decoder refuses
+
+
 def decode_image(image_bytes, where="image"):
     """Decode a record's image to a new uint8 H×W×3 RGB array, as the official reader does.
 
     JPEGs (every official record) decode with libjpeg-turbo's fast integer DCT and fancy upsampling,
     the defaults of ``tf.io.decode_image(channels=3)`` in the official ``ImageDecoder``, so pixels
-    are TensorFlow's. Anything else (PNG, CMYK JPEG, ...) goes through PIL; alpha is dropped and
-    16-bit greyscale keeps the high byte, as TF does (PIL's own conversion would clip it to 255).
+    are TensorFlow's. Like TF, the decoder reads through libjpeg's warnings about corrupt scan data
+    and refuses a truncated JPEG. Anything else (PNG, a JPEG libjpeg-turbo cannot read, ...) goes
+    through PIL; alpha is dropped and 16-bit greyscale keeps the high byte, as TF does (PIL's own
+    conversion would clip it to 255).
 
     Raises:
         RecordError: the bytes are not a decodable image; the message starts with ``where``.
     """
     if image_bytes[:2] == b"\xff\xd8":
-        try:
-            return simplejpeg.decode_jpeg(image_bytes, colorspace="RGB", fastdct=True, fastupsample=False)
-        except ValueError:
-            pass  # e.g. CMYK, which libjpeg-turbo cannot convert to RGB: PIL can
+        for strict in (True, False):
+            try:
+                return simplejpeg.decode_jpeg(image_bytes, colorspace="RGB", fastdct=True, fastupsample=False,
+                                              strict=strict)
+            except ValueError as err:
+                if str(err).startswith(JPEG_TRUNCATED):
+                    break  # PIL refuses it too
     try:
         with Image.open(io.BytesIO(image_bytes)) as im:
             if im.mode.startswith("I"):  # 16-bit grey ("I;16", or "I" in older Pillow)
