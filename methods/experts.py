@@ -40,6 +40,7 @@ __all__ = ["ParameterLayout", "HardConcreteMasks", "ExpertDeltas", "StepExperts"
            "expert_matrix", "hard_concrete", "interpolate", "gated_update"]
 
 GAMMA, ZETA, BETA = -0.1, 1.1, 2.0 / 3.0
+LOG_ALPHA_BOUND = math.log(100.0)
 
 
 def expert_parameter_names(backbone, where="all"):
@@ -212,14 +213,20 @@ class HardConcreteMasks(nn.Module):
         """The gates Z (``N × M``): noisy in training, deterministic at evaluation."""
         return hard_concrete(self.log_alpha, training)
 
-    def nonzero_probability_sums(self):
-        """(M,) Σ over elements of P(z ≠ 0): the expected L0 norm of each expert (differentiable)."""
-        return torch.sigmoid(self.log_alpha - BETA * math.log(-GAMMA / ZETA)).sum(0)
+    def expected_density(self):
+        """(M,) E[L0] / N per expert: the mean over elements of P(z ≠ 0) (differentiable)."""
+        return torch.sigmoid(self.log_alpha - BETA * math.log(-GAMMA / ZETA)).mean(0)
 
     def expected_sparsity(self):
         """(M,) 1 − E[L0] / N per expert."""
         with torch.no_grad():
-            return 1.0 - self.nonzero_probability_sums() / self.numel
+            return 1.0 - self.expected_density()
+
+    @torch.no_grad()
+    def clamp_(self, bound=LOG_ALPHA_BOUND):
+        """Clamp log α into [−bound, bound] in place (the official code's [ln 0.01, ln 100]): after a step of
+        the official size, a gate far outside it would get no gradient to come back."""
+        self.log_alpha.clamp_(-bound, bound)
 
     def l0_sparsity(self):
         """(M,) fraction of exactly-zero gates of the deterministic (evaluation) masks."""

@@ -30,7 +30,7 @@ def test_expected_l0_of_hard_concrete_matches_monte_carlo():
     torch.manual_seed(1)
     masks = HardConcreteMasks(2000, num_experts=3, init_std=2.0)
     with torch.no_grad():
-        analytic = masks.nonzero_probability_sums() / masks.numel
+        analytic = masks.expected_density()
         draws = torch.stack([(masks.sample(training=True) > 0).float().mean(0) for _ in range(400)])
     assert torch.allclose(draws.mean(0), analytic, atol=4 * draws.std(0).max() / math.sqrt(400) + 1e-3)
 
@@ -42,7 +42,7 @@ def test_hard_concrete_formula_against_the_stretched_cdf():
     with torch.no_grad():
         masks.log_alpha.copy_(log_alpha[:, None])
         q0 = torch.sigmoid(BETA * (math.log(-GAMMA) - math.log(ZETA)) - log_alpha)  # Q(s <= 0)
-        assert torch.allclose(masks.nonzero_probability_sums() / 4, (1 - q0).mean().reshape(1), atol=1e-6)
+        assert torch.allclose(masks.expected_density(), (1 - q0).mean().reshape(1), atol=1e-6)
 
 
 def test_gumbel_sigmoid_weights_are_normalised_in_zero_one():
@@ -200,16 +200,19 @@ def test_support_step_is_the_official_first_order_step_and_meta_training_runs_wi
     assert not torch.equal(smat.deltas.delta, before)
 
 
-def test_lagrange_multiplier_grows_while_violated_and_resets_once_met(backbone):
-    smat = create_method("smat", backbone=backbone, num_experts=2, target_sparsity=0.5, lagrangian_lr=2.0)
+@pytest.mark.parametrize("measure", ["l0", "expected"])
+def test_lagrange_multiplier_grows_while_violated_and_resets_once_met(backbone, measure):
+    smat = create_method("smat", backbone=backbone, num_experts=2, target_sparsity=0.5, lagrangian_lr=2.0,
+                         sparsity_measure=measure)
     with torch.no_grad():
         smat.masks.log_alpha[:, 1] = -20.0  # expert 1 all off: sparsity 1 >= τ
         smat.masks.log_alpha[:, 0] = 5.0
-        smat.masks.log_alpha[:100, 0] = 0.0  # expert 0 mostly on: sparsity < τ
+        smat.masks.log_alpha[:100, 0] = -2.0  # expert 0 all on at evaluation (σ(−2)·1.2 − 0.1 > 0): sparsity < τ
     smat.lagrange_multipliers.copy_(torch.tensor([0.3, 0.7]))
     metrics = [{"alpha_0": 0.6, "alpha_1": 0.4}, {"alpha_0": 0.2, "alpha_1": 0.8}]
-    sparsity = smat.masks.expected_sparsity()
+    sparsity = smat.masks.l0_sparsity() if measure == "l0" else smat.masks.expected_sparsity()
     assert sparsity[0] < 0.5 <= sparsity[1]
+    assert (float(sparsity[0]) == 0.0) == (measure == "l0")  # the two measures differ
     smat.before_step([], metrics)
     expected_0 = 0.3 + 2.0 * 0.4 * (0.5 - float(sparsity[0]))
     assert torch.allclose(smat.lagrange_multipliers, torch.tensor([expected_0, 0.0]), atol=1e-6)
@@ -222,7 +225,7 @@ def test_sparsity_penalty_pushes_gates_down_only_for_penalised_experts(backbone)
     smat.train()
     smat.accumulate_gradients([random_task()], total_tasks=1)
     grads = smat.masks.log_alpha.grad
-    penalty_only = torch.autograd.grad(smat.masks.nonzero_probability_sums()[0], [smat.masks.log_alpha])[0]
+    penalty_only = torch.autograd.grad(smat.masks.expected_density()[0], [smat.masks.log_alpha])[0]
     assert torch.all(penalty_only[:, 0] > 0) and torch.all(grads[:, 0] != 0)
 
 
