@@ -55,6 +55,17 @@ VARIANTS = {  # Table 2 rows 1–5 (row 6 is PMF)
     "no_meta_split": dict(meta_split=False),  # row 4: no support/query split
     "mlp_experts": dict(learned_sparsity=False, interpolated_experts=False),  # row 5: fixed MLP experts
 }
+SWITCHES = ("learned_sparsity", "interpolated_experts", "meta_split", "dense_teacher")  # Table 2's components
+
+
+def variant_of(switches):
+    """The name of the `VARIANTS` row with these component ``switches`` ({switch: on}), so that a run
+    binding a switch itself is named (and tabled) as the ablation it is; a combination no row has is
+    named by the switches that are off, e.g. ``no_meta_split+no_dense_teacher``."""
+    for name, overrides in VARIANTS.items():
+        if switches == {**dict.fromkeys(SWITCHES, True), **overrides}:
+            return name
+    return "+".join(f"no_{switch}" for switch in SWITCHES if not switches[switch])
 
 
 @gin.configurable("dense_teacher", module="methods")
@@ -81,7 +92,8 @@ class SMAT(Method):
 
     Args:
         backbone: a timm ViT; its parameters are θ_pre and stay frozen.
-        variant: a key of `VARIANTS`; its overrides replace the arguments below.
+        variant: a key of `VARIANTS`; its overrides replace the arguments below. The model's ``variant``
+            is named by the switches it ends with (`variant_of`), however they were set.
         num_experts: M.
         target_sparsity: τ, the expected sparsity every expert must reach.
         ce_weight: β of L = β·CE + (1 − β)·KD.
@@ -125,6 +137,7 @@ class SMAT(Method):
             raise ValueError(f"smat variant {variant!r}: choose one of {', '.join(VARIANTS)}")
         super().__init__(backbone, tasks_per_step, warmup_fraction, min_lr)
         settings = {**locals(), **VARIANTS[variant]}
+        settings["variant"] = variant_of({switch: settings[switch] for switch in SWITCHES})
         for key in ("variant", "target_sparsity", "ce_weight", "kd_temperature", "teacher_steps", "teacher_lr",
                     "support_step_lr", "learned_sparsity", "meta_split", "dense_teacher", "delta_lr",
                     "delta_momentum", "delta_weight_decay", "mask_lr", "mask_clip", "lagrangian_lr", "router_lr",

@@ -238,6 +238,16 @@ def test_variants_switch_the_documented_components(backbone):
         create_method("smat", backbone=backbone, variant="no_such_row")
 
 
+def test_a_switch_bound_directly_names_the_variant_it_makes(backbone):
+    """`smat.dense_teacher = False` without `smat.variant` is Table 2's row 2, not the default SMAT."""
+    assert create_method("smat", backbone=backbone, dense_teacher=False).variant == "no_dense_teacher"
+    assert create_method("smat", backbone=backbone, learned_sparsity=False, interpolated_experts=False).variant == (
+        "mlp_experts")
+    assert create_method("smat", backbone=backbone, dense_teacher=False, meta_split=False).variant == (
+        "no_meta_split+no_dense_teacher")
+    assert create_method("smat", backbone=backbone).variant == "default"
+
+
 @pytest.mark.parametrize("name", ["smat", "softmerge"])
 def test_model_starts_exactly_at_the_pretrained_backbone(backbone, name):
     method = create_method(name, backbone=backbone)
