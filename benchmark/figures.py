@@ -202,10 +202,10 @@ def role_sources(benchmark, role):
 
 def tradeoff_point(series, tau, experts):
     """(ID Avg, OOD Avg, τ, M) of a SMAT ProtoNet series in percent; None unless both averages cover all
-    their sources (a run still evaluating, or one that stopped, is not a point)."""
+    their sources with all their episodes (a run still evaluating, or one that stopped, is not a point)."""
     id_cell = series.cell(role_sources(series.benchmark, "id"))
     ood_cell = series.cell(role_sources(series.benchmark, "ood"))
-    whole = id_cell and ood_cell and not (id_cell.partial or ood_cell.partial)
+    whole = id_cell and ood_cell and not any(c.partial or c.incomplete for c in (id_cell, ood_cell))
     return (100 * id_cell.mean, 100 * ood_cell.mean, tau, experts) if whole else None
 
 

@@ -63,6 +63,8 @@ CONFIG_KEYS = ("benchmark", "backbone", "method", "variant", "adaptation")
 EPISODE_KEYS = ("source", "split", "seed", "episode")
 DEDUP_KEYS = ("run_id", "adaptation", *EPISODE_KEYS)
 OPTIONAL_KEYS = ("device", "routing_weights", "episode_digest")
+NUMBERS = {"seed": int, "episode": int, "accuracy": (int, float), "seconds": (int, float, type(None)),
+           "peak_memory_mib": (int, float, type(None))}  # the numeric keys of a row and their types
 
 METHODS = {"pre": "Pre", "pmf": "PMF", "softmerge": "SoftMerge", "smat": "SMAT"}  # table order and paper names
 ADAPTERS = {"protonet": "", "full": "+full", "lora": "+LoRA", "gradient_free": "+gradient-free",
@@ -153,6 +155,10 @@ def read_rows(path):
         missing = [key for key in ROW_KEYS if key not in row] if isinstance(row, dict) else list(ROW_KEYS)
         if missing:
             raise DataError(f"{path}:{number}: a result row lacks {', '.join(missing)} (contract C3)")
+        wrong = [f"{key} = {row[key]!r}" for key, kind in NUMBERS.items()
+                 if isinstance(row[key], bool) or not isinstance(row[key], kind)]
+        if wrong:
+            raise DataError(f"{path}:{number}: {', '.join(wrong)}: not the number a result row holds (contract C3)")
         rows.append(row)
     return rows
 
@@ -208,10 +214,10 @@ class Results:
 
 def run_settings(run_dir):
     """A digest of the run's ``config.gin`` without its ``run.seed`` line: runs merged into one column
-    must share it (runs without a config.gin share '')."""
+    must share it. None without a config.gin: such a run's settings are unknown, so it is merged with none."""
     path = Path(run_dir) / "config.gin"
     if not path.is_file():
-        return ""
+        return None
     kept = [line for line in path.read_text().splitlines() if not re.match(r"\s*run\.seed\s*=", line)]
     return hashlib.sha256("\n".join(kept).encode()).hexdigest()[:12]
 
@@ -233,7 +239,8 @@ def load_results(paths):
                           "peak_memory_mib": "float64"})
     check_same_episodes(frame)  # before repeated rows are dropped: a copy of a run may have seen other images
     unique = frame.drop_duplicates(subset=list(DEDUP_KEYS), keep="first").reset_index(drop=True)
-    unique["settings"] = unique["run_id"].map({run_id: run_settings(d) for run_id, d in run_dirs.items()})
+    settings = {run_id: run_settings(directory) or f"run {run_id}" for run_id, directory in run_dirs.items()}
+    unique["settings"] = unique["run_id"].map(settings)
     return Results(unique, run_dirs, smoke, len(frame) - len(unique))
 
 

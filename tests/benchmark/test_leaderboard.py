@@ -146,6 +146,9 @@ def test_runs_of_one_configuration_are_separate_columns_unless_merged(tmp_path):
     per_episode = [(a + b) / 2 for a, b in zip(accuracies(first, "mini_glyphs"), accuracies(second, "mini_glyphs"))]
     assert set(merged["mini_glyphs"]) == {"SMAT [aaaa]", "SMAT [cccc]"}  # the seeds merged; τ = 0.5 apart
     assert numbers(merged["mini_glyphs"]["SMAT [aaaa]"]) == pytest.approx(expected(per_episode), abs=0.006)
+    unknown = (write_run(tmp_path / "d", first), write_run(tmp_path / "e", second))  # no config.gin: never merged
+    merged = table((leaderboard(tmp_path, *unknown, out="unknown", merge=True) / MINI_TABLE).read_text())
+    assert set(merged["mini_glyphs"]) == {"SMAT [aaaa]", "SMAT [bbbb]"}
 
 
 def test_cells_with_fewer_episodes_than_declared_are_marked(tmp_path):
@@ -381,7 +384,8 @@ def test_figures_are_drawn_when_runs_hold_their_inputs(tmp_path, capsys):
 
 
 def test_fig3_points_are_default_smat_runs_over_every_source(tmp_path, monkeypatch):
-    """A Table 2 ablation is no point of the τ/M trade-off; a run that lacks a source's rows is named, not drawn."""
+    """A Table 2 ablation is no point of the τ/M trade-off; a run that lacks a source's rows, or some episodes of
+    one, is named, not drawn."""
     from benchmark import figures
 
     drawn = []
@@ -390,11 +394,13 @@ def test_fig3_points_are_default_smat_runs_over_every_source(tmp_path, monkeypat
     config = "run.method = 'smat'\nsmat.num_experts = 8\nsmat.target_sparsity = 0.7\n"
     ablation = run_rows(run_id="smat-no_dense_teacher-md_mini-dddd", variant="no_dense_teacher")
     partial = run_rows(run_id="smat-default-md_mini-eeee", sources={s.name for s in MINI.test_sources[1:]})
+    evaluating = run_rows(run_id="smat-default-md_mini-ffff", episodes=MINI.test_episodes - 1)
     out = leaderboard(tmp_path, *figure_runs(tmp_path), write_run(tmp_path / "runs" / "ablation", ablation, config),
-                      write_run(tmp_path / "runs" / "partial", partial, config))
+                      write_run(tmp_path / "runs" / "partial", partial, config),
+                      write_run(tmp_path / "runs" / "evaluating", evaluating, config))
     assert [sorted((tau, m) for *_, tau, m in points) for points in drawn] == [[(0.5, 8), (0.9, 4)]]
     (note,) = [line for line in (out / "README.md").read_text().splitlines() if "fig3_tradeoff__*.png" in line]
-    assert "smat-default-md_mini-eeee left out" in note and "dddd" not in note
+    assert "smat-default-md_mini-eeee" in note and "smat-default-md_mini-ffff" in note and "dddd" not in note
 
 
 def test_figures_are_skipped_with_a_note_when_runs_lack_their_inputs(tmp_path):
@@ -423,10 +429,12 @@ def test_missing_directory_exits_2_with_one_line_naming_it(tmp_path, capsys):
     assert exit_info.value.code == 2 and len(err.strip().splitlines()) == 1 and "nowhere" in err
 
 
-def test_corrupt_row_exits_2_naming_the_file_and_line(tmp_path, capsys):
+@pytest.mark.parametrize("bad", [{"run_id": "x", "accuracy": 0.5}, make_row(seed=None), make_row(accuracy="0.5")],
+                         ids=["missing_keys", "null_seed", "text_accuracy"])
+def test_corrupt_row_exits_2_naming_the_file_and_line(tmp_path, capsys, bad):
     run = write_run(tmp_path / "run", run_rows(episodes=2))
     with open(run / "episodes.jsonl", "a") as f:
-        f.write('{"run_id": "x", "accuracy": 0.5}\n')
+        f.write(json.dumps(bad) + "\n")
     with pytest.raises(SystemExit) as exit_info:
         main([str(run), "--out", str(tmp_path / "out")])
     err = capsys.readouterr().err.strip()
