@@ -2,10 +2,12 @@
 
 Follows ``baselines.md`` §1: cosine ProtoNet head with a learned scale s (init 10) and bias b (init 0);
 query cross-entropy on variable-way/shot episodes; SGD with momentum 0.9 and no weight decay; a
-warm-up from 1e-6 over the first 5% of the run (5 of 100 epochs), then cosine to 1e-6; one episode
-per update. PMF's code divides its command-line lr by 8 on one GPU (``lr × world_size / 8``); here
-``lr`` is the effective peak learning rate, 5e-4 as in the README's 8-GPU command. The model stays
-in eval mode (no dropout or drop-path in DINO ViT-S anyway).
+warm-up from 1e-6 over the first 5% of the run (5 of 100 epochs), then cosine to 1e-6. The defaults
+are PMF's README command on 8 GPUs: 8 episodes per update (one per GPU, gradients averaged) at peak
+lr 5e-4; on one GPU the 8 episodes of an update run one after another. (PMF's code divides its
+command-line lr by 8 on one GPU, ``lr × world_size / 8``, so the same command there gives one
+episode per update at 6.25e-5; ``lr`` here is always the effective peak learning rate.) The model
+stays in eval mode (no dropout or drop-path in DINO ViT-S anyway).
 """
 
 from functools import partial
@@ -30,7 +32,7 @@ class PMF(Method):
         tasks_per_step, warmup_fraction, min_lr: see `Method`.
     """
 
-    def __init__(self, backbone, lr=5e-4, momentum=0.9, tasks_per_step=1, warmup_fraction=0.05, min_lr=1e-6):
+    def __init__(self, backbone, lr=5e-4, momentum=0.9, tasks_per_step=8, warmup_fraction=0.05, min_lr=1e-6):
         super().__init__(backbone, tasks_per_step, warmup_fraction, min_lr)
         self.lr, self.momentum = lr, momentum
         self.scale = nn.Parameter(torch.tensor(10.0))
