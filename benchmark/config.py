@@ -5,6 +5,7 @@ others); `benchmark.run` reads it after parsing the gin files and bindings.
 """
 
 import dataclasses
+import re
 
 import gin
 
@@ -56,3 +57,18 @@ class RunConfig:
     workers: int = 2
     device: str = "auto"
     smoke: bool = False
+
+    def __post_init__(self):
+        """Refuse values no run can use, naming the binding (``ValueError``: the runner's one-line gin error)."""
+        minimum = dict(pretrain_steps=0, train_episodes=0, valid_every=1, checkpoint_every=1, seed=0,
+                       search_episodes=1, test_episodes=1, workers=0)
+        for name, low in minimum.items():
+            value = getattr(self, name)
+            if value is None and name == "test_episodes":
+                continue
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ValueError(f"run.{name} = {value!r}: give an integer >= {low}")
+        if not self.lr_grid or not all(isinstance(lr, (int, float)) and lr >= 0 for lr in self.lr_grid):
+            raise ValueError(f"run.lr_grid = {self.lr_grid!r}: give a tuple of learning rates >= 0 (0: no fine-tuning)")
+        if self.device != "auto" and not re.fullmatch(r"cpu|cuda(:\d+)?", str(self.device)):
+            raise ValueError(f"run.device = {self.device!r}: give 'auto', 'cpu', 'cuda' or 'cuda:N'")

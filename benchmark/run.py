@@ -94,12 +94,20 @@ def parse_config(gin_files, bindings):
 
 
 def code_version():
-    """The git commit of the code (``+dirty`` with uncommitted changes), or the package version outside git."""
+    """The git commit of the code, or the package version outside git.
+
+    ``+dirty``: tracked files differ from the commit, or an untracked Python file is there (a method added
+    in one file, not yet committed). Other untracked files (run directories, notes) do not count, and gin
+    files need not: their bindings are in the config hash.
+    """
+    def git(*args):
+        return subprocess.run(["git", *args], cwd=PROJECT_ROOT, capture_output=True, text=True,
+                              check=True).stdout.strip()
+
     try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=PROJECT_ROOT, capture_output=True, text=True,
-                                check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=PROJECT_ROOT,
-                               capture_output=True, text=True, check=True).stdout.strip()
+        commit = git("rev-parse", "HEAD")
+        dirty = git("status", "--porcelain", "--untracked-files=no") or git("ls-files", "--others",
+                                                                              "--exclude-standard", "--", "*.py")
         return commit + ("+dirty" if dirty else "")
     except (OSError, subprocess.CalledProcessError):
         from importlib.metadata import PackageNotFoundError, version
@@ -150,6 +158,22 @@ def _device_name(device):
     return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
 
 
+def resolve_device(name):
+    """The device ``run.device`` names on this machine (``auto``: CUDA when there is one).
+
+    Raises:
+        DataError: it names a CUDA device this machine does not have.
+    """
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if device.type == "cuda" and (device.index or 0) >= count:
+        raise DataError(f"run.device = {name!r}: this machine has {count} CUDA device(s); bind run.device = 'auto' "
+                        "or 'cpu', or run it on a GPU node")
+    return device
+
+
 def build(config, out=None, checkpoint=None):
     """Data, backbone, method, operative config and run directory of ``config``.
 
@@ -160,8 +184,7 @@ def build(config, out=None, checkpoint=None):
         methods.method_class(config.method)  # raises with the close matches
     benchmark = get_benchmark(config.benchmark or "md_mini")
     data = BenchmarkData(benchmark, config.records_root, config.decoded_cache)
-    device = distributed.setup(torch.device("cuda" if config.device == "auto" and torch.cuda.is_available() else
-                                            "cpu" if config.device == "auto" else config.device))
+    device = distributed.setup(resolve_device(config.device))
     weights = config.weights_file
     if weights is None and config.pretrain_steps > 0:
         if distributed.is_main():  # one process pre-trains and caches; the others then find the file

@@ -81,6 +81,49 @@ def test_checkpoints_load_with_weights_only(tmp_path, mini_root):
     assert len(state["torch_rng"]) == 1 and state["torch_rng"][0].dtype == torch.uint8
 
 
+def test_code_version_is_dirty_with_changed_files_or_an_uncommitted_python_file(tmp_path, monkeypatch):
+    """An uncommitted one-file method makes the code another one; run directories and notes do not."""
+    import benchmark.run
+
+    def git(*args):
+        subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=tmp_path, check=True,
+                       capture_output=True)
+
+    git("init", "-q")
+    (tmp_path / "tracked.py").write_text("x = 1\n")
+    git("add", "tracked.py")
+    git("commit", "-q", "-m", "one")
+    monkeypatch.setattr(benchmark.run, "PROJECT_ROOT", tmp_path)
+    clean = code_version()
+    (tmp_path / "notes.txt").write_text("not code\n")
+    (tmp_path / "myruns" / "a").mkdir(parents=True)
+    (tmp_path / "myruns" / "a" / "config.gin").write_text("run.seed = 0\n")
+    assert len(clean) == 40 and code_version() == clean
+    (tmp_path / "my_method.py").write_text("y = 2\n")
+    assert code_version() == clean + "+dirty"
+    (tmp_path / "my_method.py").unlink()
+    (tmp_path / "tracked.py").write_text("x = 2\n")
+    assert code_version() == clean + "+dirty"
+
+
+def test_pmf_takes_its_8_gpu_recipe_on_the_paper_setup_and_the_mini_setups_own():
+    """PMF's README command on 8 GPUs averages 8 episodes per update at lr 5e-4; pmf.gin binds neither, so the
+    md_mini setup (parsed first) keeps its one episode per update."""
+    import gin
+
+    from methods import MINI_BACKBONE, create_backbone, create_method
+
+    found = {}
+    for setup in ("benchmark/setups/md_paper.gin", None):
+        parse_config([setup, "methods/pmf.gin"] if setup else ["methods/pmf.gin"], [])
+        try:
+            pmf = create_method("pmf", backbone=create_backbone(MINI_BACKBONE, pretrained=False))
+            found[setup] = pmf.tasks_per_step, pmf.lr
+        finally:
+            gin.clear_config()
+    assert found == {"benchmark/setups/md_paper.gin": (8, 5e-4), None: (1, 0.01)}
+
+
 def cli(*args, **kwargs):
     return subprocess.run([sys.executable, "-m", "benchmark.run", *args], cwd=ROOT, capture_output=True, text=True,
                           **kwargs)
@@ -94,6 +137,11 @@ def test_bad_input_exits_2_with_one_line(tmp_path, mini_root):
         (["--gin", "methods/smat.gin", "--adapt", "fine"], "unknown adapter"),
         (["--gin", "methods/pmf.gin", "--adapt", "gradient_free"], "needs SMAT's experts"),  # before meta-training
         (["--gin", "methods/pmf.gin", "--stage", "train", "--checkpoint", "x.pt"], "not to train from"),
+        (["--gin", "methods/pre.gin", "--bind", "run.device = 'cuda:7'"], "run.device = 'cuda:7': this machine has"),
+        (["--gin", "methods/pre.gin", "--bind", "run.device = 'tpu'"], "run.device = 'tpu': give 'auto'"),
+        (["--gin", "methods/pre.gin", "--bind", "run.test_episodes = 'x'"], "run.test_episodes = 'x': give an integer"),
+        (["--gin", "methods/pmf.gin", "--bind", "run.valid_every = 0"], "run.valid_every = 0: give an integer >= 1"),
+        (["--gin", "methods/pre.gin", "--bind", "run.test_episodes = 0"], "run.test_episodes = 0: give an integer"),
     ]:
         env = {k: v for k, v in os.environ.items() if k != "SMAT_BENCH_RECORDS"}
         result = cli(*args, "--smoke", "--out", str(tmp_path / "x"), env=env)
