@@ -4,11 +4,11 @@ For each (source, adapter):
 
 1. **Learning rate.** Adapters that fine-tune (``full``, ``lora``, ``full_joint``) pick their lr from
    a grid (default SMAT's {0, 1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1}) by mean query accuracy on
-   ``search_episodes`` labelled validation episodes: the source's VALID split (seed = the
-   benchmark's) where it has one, else TEST-split episodes of a separate seed stream
-   (benchmark seed + `SEARCH_SEED_OFFSET`), whose identities never coincide with an evaluated
-   episode. Ties keep the smaller lr. The choice is kept in ``RUN_DIR/lr_search.json`` and its value
-   and basis are written into every row.
+   labelled VALID-split episodes (seed = the benchmark's), never on a test image: ``search_episodes``
+   of the source's own where it has validation classes, else ``search_episodes`` of each of the
+   benchmark's validation sources (one search, shared by every source without validation classes:
+   most OOD sets). Ties keep the smaller lr; a one-value grid is taken as given. The choice is kept
+   in ``RUN_DIR/lr_search.json`` and its value and basis are written into every row.
 2. **Episodes** ``0 .. n−1`` of the TEST split (n = the benchmark's ``test_episodes``) — the same
    episodes for every method — skipping those already in ``episodes.jsonl`` (resume).
    With several processes, episodes are dealt out round by round and rank 0 writes every row.
@@ -33,11 +33,11 @@ from benchmark.results import mean_ci, row_key
 from methods.adapters import get_adapter, searches_lr, seeded_generator
 from methods.base import Task
 from registry.dataset_spec import Split
+from registry.errors import DataError
 
-__all__ = ["evaluate", "choose_lr", "DEFAULT_LR_GRID", "SEARCH_SEED_OFFSET"]
+__all__ = ["evaluate", "choose_lr", "DEFAULT_LR_GRID"]
 
 DEFAULT_LR_GRID = (0.0, 1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
-SEARCH_SEED_OFFSET = 1_000_003  # seed of the lr-search stream of test-only sources, relative to the benchmark seed
 
 
 def _accuracy(predictions, labels):
@@ -64,32 +64,51 @@ def adapt_and_score(method, adapter, episode, lr, device, task=None):
 
 
 def search_basis(data, source, search_episodes):
-    """(split, seed, description) of the lr-search episodes of ``source``."""
-    bench, declared = data.benchmark, data.source(source).source
-    if declared.classes["valid"] >= data.benchmark.config_for(Split.VALID).min_ways:
-        split, seed = Split.VALID, bench.seed
-    else:
-        split, seed = Split.TEST, bench.seed + SEARCH_SEED_OFFSET
-    return split, seed, f"{split.value.lower()} split, seed {seed}, episodes 0-{search_episodes - 1}"
+    """(sources, description) of the lr search of ``source``: the sources whose VALID-split episodes
+    0 .. ``search_episodes`` − 1 choose its lr (itself, or for a source without validation classes the
+    benchmark's validation sources, which then stand for every such source).
+
+    Raises:
+        DataError: neither ``source`` nor any validation source has validation classes.
+    """
+    bench = data.benchmark
+    min_ways = bench.config_for(Split.VALID).min_ways
+
+    def has_valid(name):
+        return data.source(name).source.classes["valid"] >= min_ways
+
+    sources = [source] if has_valid(source) else [s.name for s in bench.valid_sources if has_valid(s.name)]
+    if not sources:
+        raise DataError(f"source {source!r} has no validation classes, nor has any validation source of benchmark "
+                        f"{bench.name!r}: a learning rate could only be chosen on test images; bind one, e.g. "
+                        "run.lr_grid = (1e-4,)")
+    where = "" if sources == [source] else " (validation sources; this source has no validation classes)"
+    return sources, (f"valid split of {', '.join(sources)}{where}, seed {bench.seed}, "
+                     f"episodes 0-{search_episodes - 1}")
 
 
 def choose_lr(method, adapter_name, data, source, grid, search_episodes, device, cache_file=None):
-    """(lr, basis) for ``adapter_name`` on ``source``: the grid value with the best mean validation accuracy.
+    """(lr, basis) for ``adapter_name`` on ``source``: the grid value with the best mean validation accuracy
+    on the episodes `search_basis` names.
 
     With several processes every one searches (or reads the kept choice) and all take rank 0's choice,
     so the rows of a source carry one lr even where GPU nondeterminism would break a tie differently."""
     if not searches_lr(adapter_name):
         return None, "no learning rate"
-    key = f"{adapter_name}/{source}"
+    if len(grid) == 1:
+        return grid[0], "the only value of run.lr_grid"
+    sources, basis = search_basis(data, source, search_episodes)
+    key = f"{adapter_name}/{'+'.join(sources)}"
     cache = json.loads(Path(cache_file).read_text()) if cache_file and Path(cache_file).exists() else {}
-    if key in cache:
-        return distributed.gather_objects((cache[key]["lr"], cache[key]["basis"]))[0]
-    split, seed, basis = search_basis(data, source, search_episodes)
-    episodes = data.eval_episodes(source, split, seed=seed, num_episodes=search_episodes)
+    for kept in (key, f"{adapter_name}/{source}"):  # the second: a choice of a run begun before searches were shared
+        if kept in cache:
+            return distributed.gather_objects((cache[kept]["lr"], cache[kept]["basis"]))[0]
+    episodes = [data.eval_episodes(name, Split.VALID, num_episodes=search_episodes)[i]
+                for name in sources for i in range(search_episodes)]
     adapter = get_adapter(adapter_name, method)
     best_lr, best_acc, scores = None, -1.0, {}
     for lr in sorted(grid):  # ascending, so a tie keeps the smaller lr
-        accs = [adapt_and_score(method, adapter, episodes[i], lr, device)[0] for i in range(search_episodes)]
+        accs = [adapt_and_score(method, adapter, episode, lr, device)[0] for episode in episodes]
         scores[str(lr)] = sum(accs) / len(accs)
         if scores[str(lr)] > best_acc:
             best_lr, best_acc = lr, scores[str(lr)]

@@ -7,7 +7,7 @@ import torch
 
 from benchmark import evaluate as evaluation
 from benchmark.episodes import BenchmarkData
-from benchmark.evaluate import SEARCH_SEED_OFFSET, choose_lr, evaluate, search_basis
+from benchmark.evaluate import choose_lr, evaluate, search_basis
 from benchmark.results import ROW_KEYS, ResultsStore, mean_ci
 from methods import MINI_BACKBONE, Task, create_backbone, create_method
 from methods.adapters import ADAPTERS, get_adapter, seeded_generator, split_qkv
@@ -68,14 +68,31 @@ def test_expert_adapters_refuse_methods_without_experts():
         get_adapter("gradient_free", pmf)
 
 
-def test_lr_search_uses_valid_episodes_or_a_separate_test_stream(data):
-    split, seed, _ = search_basis(data, "mini_shapes", 3)
-    assert (split.value, seed) == ("VALID", data.benchmark.seed)
-    split, seed, basis = search_basis(data, "mini_digits", 3)  # test-only source
-    assert (split.value, seed) == ("TEST", data.benchmark.seed + SEARCH_SEED_OFFSET)
-    evaluated = {data.eval_episodes("mini_digits", "test", num_episodes=20).episode_id(i) for i in range(20)}
-    searched = {data.eval_episodes("mini_digits", split, seed=seed, num_episodes=3).episode_id(i) for i in range(3)}
-    assert not evaluated & searched and "test split" in basis
+def test_lr_search_never_sees_a_test_image(data, tmp_path, monkeypatch):
+    """A source with validation classes searches on its own VALID episodes; the test-only sources share one
+    search on the VALID episodes of the benchmark's validation sources."""
+    assert search_basis(data, "mini_shapes", 3)[0] == ["mini_shapes"]
+    validation = [s.name for s in data.benchmark.valid_sources]
+    sources, basis = search_basis(data, "mini_digits", 3)  # test-only source
+    assert sources == validation and "this source has no validation classes" in basis
+    searched = []
+
+    def score(method, adapter, episode, lr, device, task=None):
+        searched.append(episode.id)
+        return lr, 0.0, None
+
+    monkeypatch.setattr(evaluation, "adapt_and_score", score)
+    cache = tmp_path / "lr_search.json"
+    for source in ("mini_digits", "mini_sketch"):
+        assert choose_lr(None, "full", data, source, (0.0, 1e-3), 3, "cpu", cache)[0] == 1e-3
+    assert {episode.split for episode in searched} == {"valid"}
+    assert sorted({episode.source for episode in searched}) == sorted(validation)
+    assert len(searched) == 2 * 3 * len(validation)  # one search (2 lrs × 3 episodes per source) for both sources
+
+
+def test_a_one_value_lr_grid_is_taken_without_a_search(data, monkeypatch):
+    monkeypatch.setattr(evaluation, "adapt_and_score", lambda *a, **k: pytest.fail("nothing to choose"))
+    assert choose_lr(None, "full", data, "mini_digits", (1e-4,), 3, "cpu") == (1e-4, "the only value of run.lr_grid")
 
 
 def test_lr_search_picks_the_best_grid_value_and_keeps_it(data, tmp_path, monkeypatch):
