@@ -233,8 +233,42 @@ class HierarchicalDatasetSpecification(_SpecBase):
     def classes_per_split(self):
         return {s: len(self.leaves(s)) for s in Split}
 
+    @cached_property
+    def _graphs(self):
+        """{Split: {wn_id: children_ids}}, checked: every child is a node of the same split, and no node is
+        its own descendant.
+
+        Raises:
+            DataError: naming the node and split where the sub-DAG is broken.
+        """
+        graphs = {}
+        for split in Split:
+            children = {n["wn_id"]: n["children_ids"] for n in self.split_subgraphs.get(split, [])}
+            done, path = set(), []
+
+            def visit(wn):
+                if wn in path:
+                    cycle = " -> ".join(path[path.index(wn):] + [wn])
+                    raise DataError(f"{self.name}: dataset_spec.json's {split.value} sub-DAG has a cycle ({cycle}); "
+                                    "re-run the conversion")
+                if wn in done:
+                    return
+                path.append(wn)
+                for kid in children[wn]:
+                    if kid not in children:
+                        raise DataError(f"{self.name}: dataset_spec.json's node {wn} has a child {kid} that is not "
+                                        f"a node of the {split.value} split; re-run the conversion")
+                    visit(kid)
+                path.pop()
+                done.add(wn)
+
+            for wn in children:
+                visit(wn)
+            graphs[split] = children
+        return graphs
+
     def _children(self, split):
-        return {n["wn_id"]: n["children_ids"] for n in self.split_subgraphs.get(split, [])}
+        return self._graphs[split]
 
     def leaves(self, split):
         """wn_ids of the leaves of ``split``'s sub-DAG, sorted."""

@@ -95,6 +95,14 @@ def _without_count_of_first_test_leaf(d):
     return _without(d, "images_per_class", "TEST", test_leaves[0])
 
 
+def _test_dag_edited(d, edit):
+    """``d`` with ``edit(first internal node, its first child)`` applied to its TEST sub-DAG."""
+    nodes = {n["wn_id"]: n for n in d["split_subgraphs"]["TEST"]}
+    parent = next(n for n in nodes.values() if n["children_ids"])
+    edit(parent, nodes[parent["children_ids"][0]])
+    return d
+
+
 @pytest.mark.parametrize("source, edit, message", [
     ("aircraft", lambda d: [d], "not a dataset spec (its top level is a JSON list"),
     ("aircraft", lambda d: {**d, "__class__": [d["__class__"]]}, "'__class__' is ['DatasetSpecification']; expected"),
@@ -102,7 +110,12 @@ def _without_count_of_first_test_leaf(d):
     ("omniglot", lambda d: _without(d, "classes_per_superclass", "3"), "malformed BiLevelDatasetSpecification (KeyError: 3)"),
     ("ilsvrc_2012", _without_count_of_first_test_leaf, "has no images_per_class.TEST entry for n"),
     ("ilsvrc_2012", lambda d: _without(d, "class_names", "5"), "has no class_names entry for n"),
-], ids=["list", "class_list", "wrong_type", "bilevel_missing_superclass", "dag_missing_count", "dag_missing_name"])
+    ("ilsvrc_2012", lambda d: _test_dag_edited(d, lambda parent, child: parent["children_ids"].append("n0")),
+     "has a child n0 that is not a node of the TEST split"),
+    ("ilsvrc_2012", lambda d: _test_dag_edited(d, lambda parent, child: child["children_ids"].append(parent["wn_id"])),
+     "TEST sub-DAG has a cycle"),
+], ids=["list", "class_list", "wrong_type", "bilevel_missing_superclass", "dag_missing_count", "dag_missing_name",
+        "dag_stray_child", "dag_cycle"])
 def test_a_malformed_spec_is_one_error_naming_the_problem(tmp_path, source, edit, message):
     """Checked when the spec loads, whichever split is sampled (here train; the DAG faults are in other splits)."""
     result = run_cli("--spec", _spec_with(tmp_path, source, edit), "--split", "train", "--seed", 0, "--episodes", 1)
