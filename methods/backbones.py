@@ -3,8 +3,10 @@
 Every backbone is built by ``timm.create_model(name, pretrained=..., num_classes=0,
 dynamic_img_size=True)``: ``num_classes=0`` with timm's ``global_pool='token'`` returns the normed
 CLS token, and ``dynamic_img_size`` resamples the position embeddings to the input's patch grid at
-every forward (bicubic), as DINO and PMF do, so one model serves 128-px Meta-Dataset sources and
-224-px Sketch/Clipart/Pet/Food/Cars.
+every forward, so one model serves 128-px Meta-Dataset sources and 224-px Sketch/Clipart/Pet/Food/Cars.
+timm resamples bicubically with antialiasing; DINO and PMF (and the HF ViT of the SMAT code) resample
+bicubically by a scale factor of (grid + 0.1) / 14 without it, so at 128 px the features differ a little
+from theirs (the same for every method here, so comparisons between methods are unaffected).
 
 Names are timm names with weight tags: ``vit_small_patch16_224.dino`` (DINO ViT-S/16, the paper's
 default), ``vit_small_patch16_224.augreg_in21k`` (Sup-21K ViT-S/16, Table 3),
