@@ -259,7 +259,12 @@ def lora(method, task, lr, generator, steps=50, rank=8, alpha=32, dropout=0.1):
 
 @gin.configurable("gradient_free", module="methods")
 def gradient_free(method, task, lr, generator, rounds=6, accept_probability=0.9):
-    """SMAT's Alg. 2: binary expert selection by support loss, forward passes only (lr is unused)."""
+    """SMAT's Alg. 2: binary expert selection by support loss, forward passes only (lr is unused).
+
+    From the hypernetwork's rounded selection, each round flips every expert in turn; a flip that lowers
+    the support loss is accepted with probability ``accept_probability`` (ρ), one that does not with 1 − ρ.
+    Returns the predictions of the accepted selection (the first included) with the lowest support loss.
+    """
     method.eval()
     with torch.no_grad():
         logits, _ = method.routing(task.support_x, task.support_y, task.ways)
@@ -288,8 +293,8 @@ def gradient_free(method, task, lr, generator, rounds=6, accept_probability=0.9)
                 u = float(torch.rand((), generator=generator))
                 if u < (accept_probability if improves else 1.0 - accept_probability):
                     selection, current_loss = candidate, loss
-                if loss < best_loss:
-                    best, best_loss = candidate.clone(), loss
+                    if loss < best_loss:  # l* is recorded on acceptance only: a rejected candidate is never returned
+                        best, best_loss = candidate.clone(), loss
         return _predict(partial(inference_features, method.backbone, params_of(best)), task, 10.0, 0.0)
 
 

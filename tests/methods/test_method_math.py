@@ -255,3 +255,26 @@ def test_model_starts_exactly_at_the_pretrained_backbone(backbone, name):
     merged = method.task_model(task.support_x, task.support_y, task.ways)
     pre = create_method("pre", backbone=backbone).task_model(task.support_x, task.support_y, task.ways)
     assert torch.allclose(merged.logits(task.query_x), pre.logits(task.query_x), atol=1e-5)
+
+
+def test_gradient_free_returns_only_a_selection_it_accepted(backbone, monkeypatch):
+    """Alg. 2 records l* when it accepts a candidate: with ρ = 0 no improving flip is ever accepted, so the
+    hypernetwork's own selection is used, however low the support loss of a rejected flip."""
+    from methods import adapters
+
+    torch.manual_seed(0)
+    smat = create_method("smat", backbone=backbone, num_experts=4).eval()
+    with torch.no_grad():
+        smat.deltas.delta.normal_(0, 0.05)
+        smat.masks.log_alpha.normal_(0, 2.0)
+        smat.router.expert_keys.normal_(0, 1.0)
+    task = random_task()
+    used = []
+    monkeypatch.setattr(adapters, "_predict", lambda features_of, *args: used.append(features_of.args[1]))
+    with torch.no_grad():
+        logits, _ = smat.routing(task.support_x, task.support_y, task.ways)
+        initial = (torch.sigmoid(logits / smat.temperature()) > 0.5).float()
+        assert 0 < initial.sum() < 4
+        expected = smat.merged_params(initial / initial.sum(), training=False)
+    adapters.gradient_free(smat, task, None, torch.Generator().manual_seed(0), rounds=3, accept_probability=0.0)
+    assert all(torch.equal(used[0][name], expected[name]) for name in expected)
