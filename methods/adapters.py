@@ -21,7 +21,7 @@ method's task model for that task, so nothing carries over between episodes:
 * ``gradient_free`` (SMAT, paper Alg. 2): binary expert selection by forward passes only. Start from
   α' = round(σ(ℓ/T)); for R rounds and each expert m, flip α'_m, renormalise, and score the support
   cross-entropy; a candidate that lowers the current loss is accepted with probability ρ, one that
-  does not with probability 1 − ρ; return the α' of the lowest loss seen. The paper leaves R and ρ
+  does not with probability 1 − ρ; return the accepted α' of the lowest loss. The paper leaves R and ρ
   open: R = 6 rounds × M = 8 experts + the start = 49 evaluations ≈ the 50 of Table 5, ρ = 0.9.
 * ``full_joint`` (SMAT, Table 4 column 4): fine-tune the hypernetwork, δ and the mask logits jointly on
   the support set (same loss and optimiser as ``full``), θ_pre frozen.
