@@ -129,10 +129,9 @@ class SMAT(Method):
                  kd_temperature=2.0, teacher_steps=1, teacher_lr=5e-3, support_step_lr=None, learned_sparsity=True,
                  interpolated_experts=True, meta_split=True, dense_teacher=True, delta_lr=1e-4, delta_momentum=0.9,
                  delta_weight_decay=1e-4, mask_lr=1e6, mask_clip=5.0, lagrangian_lr=2e-3, router_lr=1e-4,
-                 router_weight_decay=1e-2,
-                 router_clip=1.0, temperature_start=5.0, temperature_end=0.5, temperature_anneal_fraction=0.36,
-                 mask_init_std=0.5, routing_logit_l2=1e-4, sparsity_measure="l0", tasks_per_step=4,
-                 warmup_fraction=0.2, min_lr=1e-6):
+                 router_weight_decay=1e-2, router_clip=1.0, temperature_start=5.0, temperature_end=0.5,
+                 temperature_anneal_fraction=0.36, mask_init_std=0.5, routing_logit_l2=1e-4, sparsity_measure="l0",
+                 tasks_per_step=4, warmup_fraction=0.2, min_lr=1e-6):
         if variant not in VARIANTS:
             raise ValueError(f"smat variant {variant!r}: choose one of {', '.join(VARIANTS)}")
         super().__init__(backbone, tasks_per_step, warmup_fraction, min_lr)
