@@ -6,8 +6,9 @@ Reads every ``episodes.jsonl`` under the given directories (contract C3), ignore
 the same (run_id, adaptation, source, split, seed, episode) once, refuses rows of one episode that saw
 other images (their ``episode_digest`` differ), and writes into ``--out``:
 
-- ``table1.md`` / ``table3.md``: per test source (benchmark order), then ``ID Avg`` and ``OOD Avg``;
-  one column per method × adapter of ``md_paper`` with the DINO / Sup-21k ViT-S/16 backbone;
+- ``table1.md`` / ``table3.md``: per test source (benchmark order), then ``ID Avg`` and ``OOD Avg`` (and
+  Table 3's ``OOD Avg, the paper's 5 sources``, beside which its published OOD average stands); one
+  column per method × adapter of ``md_paper`` with the DINO / Sup-21k ViT-S/16 backbone;
 - ``table2.md``: SMAT's variants and PMF (ProtoNet): ID Avg, OOD Avg, Avg and the MLS/Meta/DT/IE switches;
 - ``table4.md``: SMAT with each adapter on the sources where gradient-free or full-joint ran;
 - ``table5.md``: SMAT's cost per adapter (seconds per task, peak GPU MiB, accuracy, device);

@@ -24,7 +24,8 @@ location, β = 2/3 the temperature and (γ, ζ) = (−0.1, 1.1) the stretch:
 
 The probability that a gate is non-zero is P(z ≠ 0) = 1 − Q(0) = σ(log α − β log(−γ / ζ)), so an
 expert's expected density is the mean of that over its elements, and its expected sparsity is one
-minus the density (the quantity SMAT constrains to be at least τ).
+minus the density: the differentiable stand-in, in SMAT's penalty, for the L0 sparsity of the
+evaluation masks that SMAT constrains to be at least τ.
 """
 
 import functools

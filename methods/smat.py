@@ -11,8 +11,10 @@ Per task T_i = (support, query):
 6. L_i = β·CE(student) + (1 − β)·T²·KL(softmax(teacher/T) ‖ softmax(student/T)) (Hinton KD);
 7. sparsity (Eq. 2, Alg. 1): with ρ_m = Σ_j P(z_mj ≠ 0) / N the expected density of expert m and ᾱ_m
    the batch-mean routing weight, the constraint 1 − L0(z_m)/N ≥ τ enters the loss as
-   λ_m ᾱ_m (ρ_m − (1 − τ)) (gradient to φ only); after each batch, with s_m the sparsity of the
-   evaluation masks, λ_m ← λ_m + η_λ ᾱ_m (τ − s_m) while s_m < τ and λ_m ← 0 once it holds. log α
+   λ_m ᾱ_m (ρ_m − (1 − τ)) (gradient to φ only; the ᾱ_m weight is the official code's, Eq. 2 has
+   none); after each batch (Alg. 1's order: the step's penalty uses the λ of the batch before), with
+   s_m the sparsity of the evaluation masks, λ_m ← λ_m + η_λ ᾱ_m (τ − s_m) while s_m < τ and λ_m ← 0
+   once it holds. log α
    takes the official optimizer: SGD at lr 1e6 on gradients clipped to norm 5, then clamped into
    [ln 0.01, ln 100]. So the task loss moves each gate as the official code does (the penalty alone
    would pull every log α down evenly), the gates end up near 0 or 1, and the masks used at
@@ -95,7 +97,7 @@ class SMAT(Method):
         variant: a key of `VARIANTS`; its overrides replace the arguments below. The model's ``variant``
             is named by the switches it ends with (`variant_of`), however they were set.
         num_experts: M.
-        target_sparsity: τ, the expected sparsity every expert must reach.
+        target_sparsity: τ, the sparsity every expert must reach (as ``sparsity_measure`` counts it).
         ce_weight: β of L = β·CE + (1 − β)·KD.
         kd_temperature: T of the distillation.
         teacher_steps, teacher_lr: K and the SGD step of the dense teacher.
@@ -108,8 +110,8 @@ class SMAT(Method):
         delta_lr, delta_momentum, delta_weight_decay: SGD on δ (official: 1e-4, 0.9, 1e-4).
         mask_lr, mask_clip: SGD on log α and the norm its gradient is clipped to (official: 1e6, 5; set
             for ViT-S's N ≈ 2.2e7 gated elements per expert).
-        lagrangian_lr: η_λ of the dual ascent (official: 2e-3, over 12.5k meta-updates). A model with far
-            fewer elements or meta-updates needs a larger one (`benchmark/setups/md_mini.gin`: 2).
+        lagrangian_lr: η_λ of the dual ascent (official: 2e-3, over 12.5k meta-updates). A run of far fewer
+            meta-updates needs λ to rise faster (`benchmark/setups/md_mini.gin`: 2 for its 150).
         sparsity_measure: what the dual ascent compares with τ: ``l0`` (the exact zeros of the evaluation
             masks, the constraint of Eq. 2, counted as the official code does) or ``expected`` (1 − ρ_m,
             the comment of Alg. 1; gates held near ln 0.01 still count 0.05 there, so the evaluation
