@@ -97,18 +97,19 @@ def choose_lr(method, adapter_name, data, source, grid, search_episodes, device,
         return None, "no learning rate"
     if len(grid) == 1:
         return grid[0], "the only value of run.lr_grid"
-    sources, basis = search_basis(data, source, search_episodes)
-    key = f"{adapter_name}/{'+'.join(sources)}"
     cache = json.loads(Path(cache_file).read_text()) if cache_file and Path(cache_file).exists() else {}
-    for kept in (key, f"{adapter_name}/{source}"):  # the second: a choice of a run begun before searches were shared
-        if kept in cache:
-            return distributed.gather_objects((cache[kept]["lr"], cache[kept]["basis"]))[0]
-    episodes = [data.eval_episodes(name, Split.VALID, num_episodes=search_episodes)[i]
-                for name in sources for i in range(search_episodes)]
+    key = f"{adapter_name}/{source}"  # runs begun before searches were shared kept every source's choice here
+    if key not in cache:
+        sources, basis = search_basis(data, source, search_episodes)
+        key = f"{adapter_name}/{'+'.join(sources)}"
+    if key in cache:
+        return distributed.gather_objects((cache[key]["lr"], cache[key]["basis"]))[0]
+    searched = [data.eval_episodes(name, Split.VALID, num_episodes=search_episodes) for name in sources]
     adapter = get_adapter(adapter_name, method)
     best_lr, best_acc, scores = None, -1.0, {}
     for lr in sorted(grid):  # ascending, so a tie keeps the smaller lr
-        accs = [adapt_and_score(method, adapter, episode, lr, device)[0] for episode in episodes]
+        accs = [adapt_and_score(method, adapter, episodes[i], lr, device)[0]
+                for episodes in searched for i in range(search_episodes)]
         scores[str(lr)] = sum(accs) / len(accs)
         if scores[str(lr)] > best_acc:
             best_lr, best_acc = lr, scores[str(lr)]

@@ -90,6 +90,15 @@ def test_lr_search_never_sees_a_test_image(data, tmp_path, monkeypatch):
     assert len(searched) == 2 * 3 * len(validation)  # one search (2 lrs × 3 episodes per source) for both sources
 
 
+def test_a_run_begun_before_searches_were_shared_keeps_its_choice(data, tmp_path, monkeypatch):
+    """Its rows of a test-only source already carry that lr: the rest of them must too."""
+    kept = {"lr": 0.01, "basis": "grid search on test split, seed 1000003, episodes 0-2"}
+    cache = tmp_path / "lr_search.json"
+    cache.write_text(json.dumps({"full/mini_digits": {**kept, "accuracy_by_lr": {}}}))
+    monkeypatch.setattr(evaluation, "adapt_and_score", lambda *a, **k: pytest.fail("the kept choice is reused"))
+    assert choose_lr(None, "full", data, "mini_digits", (0.0, 0.01), 3, "cpu", cache) == (kept["lr"], kept["basis"])
+
+
 def test_a_one_value_lr_grid_is_taken_without_a_search(data, monkeypatch):
     monkeypatch.setattr(evaluation, "adapt_and_score", lambda *a, **k: pytest.fail("nothing to choose"))
     assert choose_lr(None, "full", data, "mini_digits", (1e-4,), 3, "cpu") == (1e-4, "the only value of run.lr_grid")
