@@ -269,12 +269,14 @@ def test_gradient_free_returns_only_a_selection_it_accepted(backbone, monkeypatc
         smat.masks.log_alpha.normal_(0, 2.0)
         smat.router.expert_keys.normal_(0, 1.0)
     task = random_task()
-    used = []
+    used, losses, cross_entropy = [], [], F.cross_entropy
     monkeypatch.setattr(adapters, "_predict", lambda features_of, *args: used.append(features_of.args[1]))
+    monkeypatch.setattr(adapters.F, "cross_entropy", lambda *a: losses.append(float(cross_entropy(*a))) or losses[-1])
     with torch.no_grad():
         logits, _ = smat.routing(task.support_x, task.support_y, task.ways)
         initial = (torch.sigmoid(logits / smat.temperature()) > 0.5).float()
         assert 0 < initial.sum() < 4
         expected = smat.merged_params(initial / initial.sum(), training=False)
     adapters.gradient_free(smat, task, None, torch.Generator().manual_seed(0), rounds=3, accept_probability=0.0)
+    assert min(losses[1:]) < losses[0]  # a rejected flip scored below the start (losses[0])
     assert all(torch.equal(used[0][name], expected[name]) for name in expected)
