@@ -285,14 +285,16 @@ def _result_path(folder, job_id):
     return JobPaths(folder, job_id=str(job_id), task_id=0).result_pickle
 
 
-def _result(folder, job_id):
-    """('success', value) / ('error', traceback) from the job's result file, or None while there is none."""
+def _ended(folder, job_id):
+    """``COMPLETED`` or ``FAILED`` as the job's result file (success, or error and traceback) says; None while
+    it has none."""
     from submitit.core.utils import pickle_load
 
     try:
-        return pickle_load(_result_path(folder, job_id))
+        outcome, _ = pickle_load(_result_path(folder, job_id))
     except (FileNotFoundError, EOFError):
         return None
+    return "COMPLETED" if outcome == "success" else "FAILED"
 
 
 def _runs_a_local_job(pid):
@@ -304,9 +306,10 @@ def _runs_a_local_job(pid):
     if not Path("/proc/self").exists():  # no /proc on this system: the id alone must do
         return True
     try:
-        return b"submitit" in Path(f"/proc/{pid}/cmdline").read_bytes()
+        command = Path(f"/proc/{pid}/cmdline").read_bytes()
     except OSError:  # it ended just now
         return False
+    return not command or b"submitit" in command  # empty while a process just started is still exec-ing
 
 
 def _rows(run_dir):
@@ -334,9 +337,9 @@ def _states(manifest, entries):
     states = {}
     unresolved = []
     for entry in entries:
-        result = _result(manifest["folder"], entry["job_id"])
-        if result is not None:
-            states[entry["job_id"]] = "COMPLETED" if result[0] == "success" else "FAILED"
+        ended = _ended(manifest["folder"], entry["job_id"])
+        if ended:
+            states[entry["job_id"]] = ended
         else:
             unresolved.append(entry["job_id"])
     if unresolved and manifest["cluster"] == "slurm":
@@ -356,7 +359,10 @@ def _states(manifest, entries):
                 states[job_id] = held.get(job_id, ended).split()[0]
     elif unresolved:  # local: the job's process id
         for job_id in unresolved:
-            states[job_id] = "RUNNING" if job_id.isdigit() and _runs_a_local_job(int(job_id)) else "LOST"
+            if job_id.isdigit() and _runs_a_local_job(int(job_id)):
+                states[job_id] = "RUNNING"
+            else:  # gone: its result may have landed since it was read above, and this state is final
+                states[job_id] = _ended(manifest["folder"], job_id) or "LOST"
     return states
 
 
