@@ -26,6 +26,7 @@ import os
 import struct
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 import google_crc32c
@@ -331,6 +332,7 @@ class RecordFile:
 
 
 JPEG_TRUNCATED = "Premature end of JPEG file"  # libjpeg's JWRN_JPEG_EOF, the one warning TF's decoder refuses
+SOS, EOI = b"\xff\xda", b"\xff\xd9"  # JPEG markers: start of scan, end of image (a scan's data never holds them)
 
 
 def decode_image(image_bytes, where="image"):
@@ -347,13 +349,18 @@ def decode_image(image_bytes, where="image"):
         RecordError: the bytes are not a decodable image; the message starts with ``where``.
     """
     if image_bytes[:2] == b"\xff\xd8":
-        for strict in (True, False):
-            try:
-                return simplejpeg.decode_jpeg(image_bytes, colorspace="RGB", fastdct=True, fastupsample=False,
-                                              strict=strict)
-            except ValueError as err:
-                if str(err).startswith(JPEG_TRUNCATED):
-                    break  # PIL refuses it too
+        decode = partial(simplejpeg.decode_jpeg, image_bytes, colorspace="RGB", fastdct=True, fastupsample=False)
+        try:
+            return decode(strict=True)
+        except ValueError as err:  # a libjpeg warning, or a JPEG libjpeg-turbo cannot read
+            # libjpeg-turbo names only the first warning; the scan's end-of-image marker tells truncation
+            if str(err).startswith(JPEG_TRUNCATED) or image_bytes.rfind(EOI) < image_bytes.rfind(SOS):
+                raise RecordError(f"{where}: not a decodable image (truncated JPEG: {err}); re-run the "
+                                  "conversion of this source") from None
+        try:
+            return decode(strict=False)  # corrupt scan data, which TF decodes through
+        except ValueError:
+            pass  # PIL may read it
     try:
         with Image.open(io.BytesIO(image_bytes)) as im:
             if im.mode.startswith("I"):  # 16-bit grey ("I;16", or "I" in older Pillow)

@@ -384,13 +384,25 @@ def test_export_out_of_range_names_the_valid_range(source, tmp_path, args, messa
     assert result.returncode == 2 and message in result.stderr, result.stderr
 
 
-def test_a_jpeg_with_corrupt_scan_data_decodes_as_tensorflow_decodes_it(tf):
-    """libjpeg warns ("Corrupt JPEG data: premature end of data segment") and TF decodes through it with the
-    fast DCT; an accurate-DCT fallback differs by several levels."""
+def _jpeg_with_corrupt_scan_data():
     rng = np.random.default_rng(0)
     buffer = io.BytesIO()
     Image.fromarray(rng.integers(0, 256, size=(64, 64, 3), dtype=np.uint8)).save(buffer, format="JPEG", quality=90)
     data = bytearray(buffer.getvalue())
     stray = data.index(b"\xff\xda") + 200
     data[stray:stray + 2] = b"\xff\xd3"  # a restart marker in the middle of the scan
-    assert np.array_equal(decode_image(bytes(data)), tf.io.decode_image(bytes(data), channels=3).numpy())
+    return bytes(data)
+
+
+def test_a_jpeg_with_corrupt_scan_data_decodes_as_tensorflow_decodes_it(tf):
+    """libjpeg warns ("Corrupt JPEG data: premature end of data segment") and TF decodes through it with the
+    fast DCT; an accurate-DCT fallback differs by several levels."""
+    data = _jpeg_with_corrupt_scan_data()
+    assert np.array_equal(decode_image(data), tf.io.decode_image(data, channels=3).numpy())
+
+
+def test_a_truncated_jpeg_is_refused_even_after_a_corrupt_data_warning():
+    """(libjpeg-turbo reports only the first warning; TF refuses a truncated JPEG.)"""
+    data = _jpeg_with_corrupt_scan_data()
+    with pytest.raises(DataError, match="not a decodable image"):
+        decode_image(data[: len(data) * 2 // 3])
