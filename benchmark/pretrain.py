@@ -76,7 +76,14 @@ def pretrained_weights(data, backbone_name, steps):
 
 
 def _umask():
-    """The process's file-creation mask (``os.umask`` can only be read by setting it)."""
+    """The process's file-creation mask: from ``/proc/self/status`` where there is one (``os.umask`` can only
+    read it by setting it, which for an instant changes it for every thread)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
     mask = os.umask(0o077)
     os.umask(mask)
     return mask
