@@ -14,11 +14,10 @@ Per task T_i = (support, query):
    λ_m ᾱ_m (ρ_m − (1 − τ)) (gradient to φ only; the ᾱ_m weight is the official code's, Eq. 2 has
    none); after each batch (Alg. 1's order: the step's penalty uses the λ of the batch before), with
    s_m the sparsity of the evaluation masks, λ_m ← λ_m + η_λ ᾱ_m (τ − s_m) while s_m < τ and λ_m ← 0
-   once it holds. log α
-   takes the official optimizer: SGD at lr 1e6 on gradients clipped to norm 5, then clamped into
-   [ln 0.01, ln 100]. So the task loss moves each gate as the official code does (the penalty alone
-   would pull every log α down evenly), the gates end up near 0 or 1, and the masks used at
-   meta-test have sparsity τ.
+   once it holds. log α takes the official optimizer: SGD at lr 1e6 on gradients clipped to norm 5,
+   then clamped into [ln 0.01, ln 100]. So the task loss moves each gate as the official code does
+   (the penalty alone would pull every log α down evenly), the gates end up near 0 or 1, and the
+   masks used at meta-test have sparsity τ.
 
 Departures from the official code (github.com/szc12153/sparse_meta_tuning @302a914), deliberately:
 the router keys, skill tokens and λ are registered, trained and checkpointed (HEAD does neither);

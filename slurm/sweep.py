@@ -254,7 +254,7 @@ def _submit_entries(manifest, executor, entries):
     """
     local = manifest["cluster"] == "local"
     if local:
-        _refresh(manifest)
+        _refresh_states(manifest)
     jobs = submit_jobs(executor, [e["argv"] for e in entries], manifest.get("workdir"))
     for entry, job in zip(entries, jobs):
         if local:
@@ -366,8 +366,8 @@ def _states(manifest, entries):
     return states
 
 
-def _refresh(manifest):
-    """Update every submitted point's status, and every point's result rows, in ``manifest``.
+def _refresh_states(manifest):
+    """Update every submitted point's status in ``manifest``.
 
     A local point's state is final once its process ended: a later job may get its process id again.
     """
@@ -376,14 +376,14 @@ def _refresh(manifest):
     states = _states(manifest, entries) if entries else {}
     for entry in entries:
         entry["status"] = states[entry["job_id"]]
-    for entry in manifest["points"]:
-        entry["rows"] = _rows(entry["run_dir"])
 
 
 def status(path):
     """Refresh and save every point's status and result rows; returns ``(manifest path, manifest)``."""
     path, manifest = load(path)
-    _refresh(manifest)
+    _refresh_states(manifest)
+    for entry in manifest["points"]:
+        entry["rows"] = _rows(entry["run_dir"])
     save(path, manifest)
     return path, manifest
 
