@@ -45,6 +45,22 @@ def test_hard_concrete_formula_against_the_stretched_cdf():
         assert torch.allclose(masks.expected_density(), (1 - q0).mean().reshape(1), atol=1e-6)
 
 
+def test_l0_sparsity_counts_the_zero_evaluation_gates_from_log_alpha_alone():
+    """log α ≤ −ln 11 ⇔ the evaluation gate is exactly 0, also at the float32 neighbours of the threshold."""
+    torch.manual_seed(3)
+    boundary = torch.tensor(-math.log(11.0))
+    below, above = boundary.clone(), boundary.clone()
+    neighbours = [boundary]
+    for _ in range(50):
+        below, above = torch.nextafter(below, torch.tensor(-1e3)), torch.nextafter(above, torch.tensor(1e3))
+        neighbours += [below, above]
+    masks = HardConcreteMasks(3000 + len(neighbours), num_experts=3)
+    with torch.no_grad():
+        masks.log_alpha.copy_(torch.cat([torch.randn(3000, 3) * 4, torch.stack(neighbours)[:, None].expand(-1, 3)]))
+        zero = (masks.sample(training=False) == 0).float().mean(0)
+    assert torch.equal(masks.l0_sparsity(), zero) and 0.2 < float(zero.min()) < float(zero.max()) < 0.5
+
+
 def test_gumbel_sigmoid_weights_are_normalised_in_zero_one():
     torch.manual_seed(0)
     logits = torch.randn(8) * 3
