@@ -50,7 +50,7 @@ from benchmark.episodes import BenchmarkData, episode_loader
 from benchmark.records import encode_example, write_records
 from registry.catalog import Benchmark, Source, get_benchmark
 from registry.dataset_spec import DatasetSpecification, Split, dump_dataset_spec
-from registry.errors import exit_on_error
+from registry.errors import DataError, exit_on_error
 
 PROG = "python -m benchmark.perf"
 
@@ -87,18 +87,23 @@ def write_md_sized_source(root, num_classes, images_per_class, width, height, se
 
 
 def time_episodes(data, source, num_episodes, workers):
-    """(seconds, episodes, images) to assemble ``num_episodes`` test episodes of ``source``."""
+    """(seconds, episodes, images) of the steady state of assembling ``num_episodes`` test episodes of
+    ``source``: the clock starts when the first episode arrives, and the episodes after it are counted,
+    so starting the loader's worker processes is not timed."""
     episodes = data.eval_episodes(source, "test", num_episodes=num_episodes)
-    images = 0
-    start = time.perf_counter()
+    images, start = 0, None
     for episode in tqdm(episode_loader(episodes, workers), total=num_episodes, desc=f"{source} w={workers}",
                         file=sys.stderr, leave=False, disable=None):
-        images += len(episode.support_labels) + len(episode.query_labels)
-    return time.perf_counter() - start, num_episodes, images
+        if start is None:
+            start = time.perf_counter()
+        else:
+            images += len(episode.support_labels) + len(episode.query_labels)
+    return time.perf_counter() - start, num_episodes - 1, images
 
 
-def measure_data(args, tmp):
-    """[{input, path, workers, episodes_per_s, images_per_s, ...}] for each input, with and without the cache.
+def measure_data(args, tmp, measured=lambda rows: None):
+    """[{input, path, workers, episodes_per_s, images_per_s, ...}] for each input, with and without the cache
+    (`time_episodes` per test source); ``measured(rows)`` is called after each row.
 
     The decoded cache of each input is built (``--workers`` processes, the largest count timed) into
     ``tmp`` first; its build time is reported as a row of its own.
@@ -121,6 +126,7 @@ def measure_data(args, tmp):
             build_source(cache, records, workers=max(max(args.workers), 1))
         rows.append(dict(input=label, path="cache build (every source)", workers=max(max(args.workers), 1),
                          seconds=time.perf_counter() - began))
+        measured(rows)
         cached = BenchmarkData(benchmark, records_root, decoded_cache=cache.root)
         for path, data in (("records", plain), ("decoded cache", cached)):
             for workers in args.workers:
@@ -128,6 +134,7 @@ def measure_data(args, tmp):
                 seconds, episodes, images = map(sum, zip(*timings))
                 rows.append(dict(input=label, path=path, workers=workers, seconds=seconds, episodes=episodes,
                                  images=images, episodes_per_s=episodes / seconds, images_per_s=images / seconds))
+                measured(rows)
     return rows
 
 
@@ -146,18 +153,20 @@ def _cpu_label():
     return f"{os.cpu_count()} CPU cores ({len(os.sched_getaffinity(0))} usable), {torch.get_num_threads()} torch thread(s)"
 
 
-def data_stage(args):
+def data_stage(args, measured=lambda rows: None):
     """(rows, CPU label): `measure_data` with one torch thread per loader process, so worker counts
     compare fairly (the thread count is restored after), its header and table printed."""
     import torch
 
+    if args.episodes < 2:
+        raise DataError(f"--episodes {args.episodes}: the clock starts at the first episode, so time at least 2")
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
         cpu = _cpu_label()
         print(f"# data pipeline on {cpu} per process")
         with tempfile.TemporaryDirectory(prefix="smat-perf-") as tmp:
-            rows = measure_data(args, tmp)
+            rows = measure_data(args, tmp, measured)
     finally:
         torch.set_num_threads(threads)
     print(data_table(rows))
@@ -218,11 +227,16 @@ def _device_label(device):
     return torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
 
 
-def _write_json(path, payload):
+def _write_json(path, payload, quiet=False):
+    """Write ``payload`` to ``path`` (if given) whole or not at all: a run stopped meanwhile keeps the last file."""
     if path:
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        Path(path).write_text(json.dumps(payload, indent=1, sort_keys=True))
-        print(f"wrote {path}")
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        partial = path.with_name(f".{path.name}.partial")
+        partial.write_text(json.dumps(payload, indent=1, sort_keys=True))
+        os.replace(partial, path)
+        if not quiet:
+            print(f"wrote {path}")
 
 
 def _cell(value, fmt):
@@ -373,10 +387,12 @@ def measure_forward(args, device):
     return dict(f, images=len(batch), images_per_second=len(batch) / f["seconds"] if f["seconds"] else None)
 
 
-def measure_step(args, device, measured=lambda figures: None):
-    """{label: figures} of one meta-training step of PMF, SMAT and the `STEP_VARIANTS` on the same tasks,
-    and the ratio SMAT ÷ PMF. With ``args.profile`` (a folder), one more step of each is profiled:
-    ``step_<label>.txt`` there holds its operators by device time, and the figures its kernel count."""
+def measure_step(args, device, measured=lambda step: None):
+    """``{"steps": {label: figures}, "ratio": SMAT ÷ PMF, "ratios": step_ratios}`` of one meta-training step
+    of PMF, SMAT and the `STEP_VARIANTS` on the same tasks; each row is printed, and ``measured(step)``
+    called, as soon as it is measured. With ``args.profile`` (a folder), one more step of each is
+    profiled: ``step_<label>.txt`` there holds its operators by device time, and the figures its kernel
+    count."""
     import torch
 
     from methods import create_backbone, create_method
@@ -401,9 +417,11 @@ def measure_step(args, device, measured=lambda figures: None):
             except Exception as error:  # noqa: BLE001 — a profiler fault costs the profile, not the other rows
                 print(f"{PROG}: profiling {label} failed: {type(error).__name__}: {error}", file=sys.stderr)
                 figures[label]["profile_error"] = f"{type(error).__name__}: {error}"
-        measured(figures)
-    ratios = step_ratios(figures)
-    return dict(steps=figures, ratio=ratios.get("smat"), ratios=ratios)
+        print(_step_row(label, figures[label]), flush=True)
+        ratios = step_ratios(figures)
+        step = dict(steps=figures, ratio=ratios.get("smat"), ratios=ratios)
+        measured(step)
+    return step
 
 
 def step_ratios(figures):
@@ -519,12 +537,14 @@ def _describe(args, device, what):
                 support=args.support, query=args.query, what=what, **_provenance())
 
 
-def print_step(step, device):
-    width = max(map(len, step["steps"]))
-    for label, f in step["steps"].items():
-        kernels = f"  {f['kernels']:,} kernels" if f.get("kernels") else ""
-        print(f"{label:<{width}} step {_cell(f['seconds'], '8.3f')} s  peak {_cell(f['peak_memory_mib'], '.0f')} MiB"
-              + kernels + _failure(f))
+def _step_row(label, f):
+    kernels = f"  {f['kernels']:,} kernels" if f.get("kernels") else ""
+    return (f"{label:<{max(map(len, ['smat', *STEP_VARIANTS]))}} step {_cell(f['seconds'], '8.3f')} s  "
+            f"peak {_cell(f['peak_memory_mib'], '.0f')} MiB" + kernels + _failure(f))
+
+
+def print_ratios(step, device):
+    """The ratio lines of `measure_step`'s result (its rows were printed as they were measured)."""
     for label, ratio in step["ratios"].items():
         if ratio is not None:
             met = ("met" if ratio <= STEP_RATIO_TARGET else "not met") if device.type == "cuda" else "a GPU target"
@@ -552,7 +572,7 @@ def run_step(args):
     print(f"# meta-training step on {_device_label(device)}: {args.backbone} (random weights), {args.tasks} tasks "
           f"of {args.support} support + {args.query} query at {args.image_size} px")
     step = measure_step(args, device)
-    print_step(step, device)
+    print_ratios(step, device)
     _write_json(args.json, {**_describe(args, device, "step"), "tasks": args.tasks, **step})
     exit_if_failed(step["steps"])
 
@@ -588,32 +608,32 @@ def run_all(args, parser):
           f"{adapter_args.support} support + {adapter_args.query} query at {args.image_size} px")
     forward = payload["forward"] = measure_forward(adapter_args, device)
     print_forward(forward)
+    _write_json(args.json, payload, quiet=True)
     payload["adapters"] = dict(ways=adapter_args.ways, support=adapter_args.support, query=adapter_args.query,
                                figures={})
 
-    def saved(stage, key):
-        """After each row, the stage's rows go to ``payload[stage][key]`` and the JSON is rewritten: a time
-        limit loses at most the row it stopped."""
+    def saved(update):
+        """After each row, ``update(the stage's figures so far)`` and the JSON rewritten: a time limit loses at
+        most the row it stopped."""
         def save(figures):
-            payload[stage][key].update(figures)
-            _write_json(args.json, payload)
+            update(figures)
+            _write_json(args.json, payload, quiet=True)
 
         return save
 
     adapters = payload["adapters"]["figures"]  # filled row by row, defaults then variants
-    measure_adapters(adapter_args, device, variants=False, measured=saved("adapters", "figures"))
+    measure_adapters(adapter_args, device, variants=False, measured=saved(adapters.update))
     print(table5(adapters))
     print(f"\n# meta-training step: {step_args.tasks} tasks of {step_args.support} support + {step_args.query} query")
     payload["step"] = dict(tasks=step_args.tasks, support=step_args.support, query=step_args.query, steps={})
-    step = measure_step(step_args, device, measured=saved("step", "steps"))
-    payload["step"].update(step)
-    print_step(step, device)
-    _write_json(args.json, payload)
+    step = measure_step(step_args, device, measured=saved(payload["step"].update))
+    print_ratios(step, device)
     print("\n# Table 5 with the adapters' other settings")
-    measure_adapters(adapter_args, device, defaults=False, measured=saved("adapters", "figures"))
+    measure_adapters(adapter_args, device, defaults=False, measured=saved(adapters.update))
     print(table5(adapters))
     print()
-    payload["data"], _ = data_stage(data_args)
+    payload["data"] = []
+    data_stage(data_args, measured=saved(lambda rows: payload.update(data=rows)))
     _write_json(args.json, payload)
     exit_if_failed({"forward": forward}, adapters, step["steps"])
 

@@ -94,7 +94,8 @@ def parse_config(gin_files, bindings):
 
 
 def code_version():
-    """The git commit of the code, or the package version outside git.
+    """The git commit of the code; outside git, ``$SMAT_BENCH_CODE_VERSION`` (set by whoever copied the code
+    without its git directory, e.g. to a GPU machine), else the package version.
 
     ``+dirty``: tracked files differ from the commit, or an untracked Python file is there (a method added
     in one file, not yet committed). Other untracked files (run directories, notes) do not count, and gin
@@ -110,6 +111,8 @@ def code_version():
                                                                               "--exclude-standard", "--", "*.py")
         return commit + ("+dirty" if dirty else "")
     except (OSError, subprocess.CalledProcessError):
+        if os.environ.get("SMAT_BENCH_CODE_VERSION"):
+            return os.environ["SMAT_BENCH_CODE_VERSION"]
         from importlib.metadata import PackageNotFoundError, version
 
         try:

@@ -5,10 +5,12 @@ user gets (the Table 5 rows with the paper's figures and the targets, the step r
 and that a failing variant is reported, exits non-zero and keeps the figures already measured.
 """
 
+import argparse
 import json
 
 import gin
 import pytest
+import torch
 
 from benchmark import perf
 from methods import MINI_BACKBONE, adapters
@@ -109,19 +111,48 @@ def test_a_failing_variant_exits_nonzero_and_keeps_the_other_figures(tmp_path, m
 
 
 def test_data_times_records_and_the_decoded_cache(tmp_path):
+    """The clock starts at each loader's first episode: 3 episodes are 2 timed ones."""
     out = tmp_path / "data.json"
     perf.main(["data", "--inputs", "md", "--classes", "5", "--images-per-class", "12", "--image-px", "64", "48",
-               "--workers", "0", "--episodes", "2", "--json", str(out)])
+               "--workers", "0", "--episodes", "3", "--json", str(out)])
     rows = json.loads(out.read_text())["rows"]
     assert [r["path"] for r in rows] == ["cache build (every source)", "records", "decoded cache"]
     for row in rows[1:]:
         assert row["episodes"] == 2 and row["images"] > 0 and row["episodes_per_s"] > 0
 
 
+def test_data_hands_over_each_row_as_it_is_measured_and_refuses_one_episode(tmp_path, capsys):
+    args = argparse.Namespace(inputs=["md"], classes=5, images_per_class=12, image_px=[64, 48], workers=[0], episodes=2)
+    seen = []
+    rows = perf.measure_data(args, tmp_path, measured=lambda rows: seen.append([r["path"] for r in rows]))
+    assert seen == [["cache build (every source)"], ["cache build (every source)", "records"],
+                    [r["path"] for r in rows]]
+    with pytest.raises(SystemExit) as exit_info:
+        perf.main(["data", "--inputs", "md", "--episodes", "1"])
+    assert exit_info.value.code == 2 and "--episodes 1" in capsys.readouterr().err
+
+
+def test_step_hands_over_its_ratio_with_each_row(monkeypatch):
+    """A time limit that stops the step stage after the SMAT row still leaves SMAT ÷ PMF."""
+    args = argparse.Namespace(backbone=MINI_BACKBONE, image_size=32, ways=3, support=6, query=3, tasks=2, repeats=1,
+                              profile=None)
+    monkeypatch.setattr(perf, "STEP_VARIANTS", {})
+    seconds = iter([1.0, 2.0])  # PMF's step, then SMAT's
+    monkeypatch.setattr(perf, "_timed", lambda fn, device, repeats: (next(seconds), None))
+    handed = []
+
+    def measured(step):
+        handed.append(dict(step, steps=dict(step["steps"])))
+
+    perf.measure_step(args, torch.device("cpu"), measured)
+    assert [list(h["steps"]) for h in handed] == [["pmf"], ["pmf", "smat"]]
+    assert handed[0]["ratio"] is None and handed[1]["ratio"] == 2.0 and handed[1]["ratios"] == {"smat": 2.0}
+
+
 def test_all_measures_the_gpu_figures_first_and_writes_the_json_after_each_stage(tmp_path, monkeypatch):
-    """`all` orchestrates the stages measured above (stand-ins here): the default adapters, the step, the
-    adapters' variants, then the data pipeline; the JSON rewritten after each stage, ``--profile`` passed
-    to the step."""
+    """`all` orchestrates the stages measured above (stand-ins here): the forward pass, the default adapters,
+    the step, the adapters' variants, then the data pipeline; the JSON rewritten after each stage,
+    ``--profile`` passed to the step."""
     out, stages = tmp_path / "perf.json", []
     figures = {
         "adapters": {"protonet": dict(seconds=0.1, peak_memory_mib=None, paper_seconds=0.2, paper_memory_mib=4332,
@@ -136,10 +167,10 @@ def test_all_measures_the_gpu_figures_first_and_writes_the_json_after_each_stage
         def measure(args, device, measured=None, **which):  # the data stage's second argument is a folder
             written = json.loads(out.read_text()) if out.exists() else {}
             stages.append((stage + ("" if which.get("defaults", True) else " variants"), args,
-                           sorted(set(written) & set(figures))))
+                           sorted(set(written) & {"forward", *figures})))
             result = figures[stage] if which.get("defaults", True) else {"full_variant": variant}
             if measured is not None:
-                measured(result.get("steps", result))  # after its (last) row, as the real stages do
+                measured(result)  # after its (last) row, as the real stages do
             return result
         return measure
 
@@ -148,16 +179,18 @@ def test_all_measures_the_gpu_figures_first_and_writes_the_json_after_each_stage
     perf.main(["all", "--backbone", MINI_BACKBONE, "--image-size", "32", "--repeats", "1", "--device", "cpu",
                "--profile", str(tmp_path / "profiles"), "--json", str(out)])
     assert [(stage, written) for stage, _, written in stages] == [
-        ("adapters", []), ("step", ["adapters"]), ("adapters variants", ["adapters", "step"]),
-        ("data", ["adapters", "step"])]
+        ("adapters", ["forward"]), ("step", ["adapters", "forward"]), ("adapters variants", ["adapters", "forward", "step"]),
+        ("data", ["adapters", "forward", "step"])]
     assert stages[1][1].profile == str(tmp_path / "profiles")
     written = json.loads(out.read_text())
     assert set(figures) <= set(written)
     assert set(written["adapters"]["figures"]) == {"protonet", "full_variant"}  # defaults and variants, one table
 
 
-def test_all_keeps_the_rows_of_a_stage_stopped_midway(tmp_path, monkeypatch):
-    """A time limit that stops the step stage after its first row still leaves that row in the JSON."""
+@pytest.mark.parametrize("stopped", ["step", "data"])
+def test_all_keeps_the_rows_of_a_stage_stopped_midway(tmp_path, monkeypatch, stopped):
+    """A time limit that stops the step stage, or the data stage, after its first row still leaves that row
+    in the JSON."""
     out = tmp_path / "perf.json"
     protonet = dict(seconds=0.1, peak_memory_mib=None, paper_seconds=0.2, paper_memory_mib=4332, target_seconds=0.02,
                     target_memory_mib=None)
@@ -166,16 +199,25 @@ def test_all_keeps_the_rows_of_a_stage_stopped_midway(tmp_path, monkeypatch):
     monkeypatch.setattr(perf, "measure_adapters",
                         lambda args, device, measured, **which: measured({"protonet": protonet}) or {"protonet": protonet})
 
-    def step_stopped_after_pmf(args, device, measured):
-        measured({"pmf": dict(seconds=1.0, peak_memory_mib=None)})
-        raise KeyboardInterrupt  # as `timeout` stops the script
+    pmf = {"steps": {"pmf": dict(seconds=1.0, peak_memory_mib=None)}, "ratio": None, "ratios": {}}
+    built = dict(input="md", path="cache build (every source)", workers=0, seconds=1.0)
 
-    monkeypatch.setattr(perf, "measure_step", step_stopped_after_pmf)
+    def stand_in(stage, first_row):
+        def measure(args, device, measured):
+            measured(first_row)
+            if stage == stopped:
+                raise KeyboardInterrupt  # as `timeout` stops the script
+            return first_row
+        return measure
+
+    monkeypatch.setattr(perf, "measure_step", stand_in("step", pmf))
+    monkeypatch.setattr(perf, "measure_data", stand_in("data", [built]))
     with pytest.raises(KeyboardInterrupt):
         perf.main(["all", "--backbone", MINI_BACKBONE, "--image-size", "32", "--device", "cpu", "--json", str(out)])
     written = json.loads(out.read_text())
     assert written["adapters"]["figures"] == {"protonet": protonet}
-    assert written["step"]["steps"] == {"pmf": dict(seconds=1.0, peak_memory_mib=None)}
+    assert written["step"]["steps"] == pmf["steps"]
+    assert written.get("data") == ([built] if stopped == "data" else None)
 
 
 def test_a_profiler_fault_costs_that_profile_only(tmp_path, monkeypatch):

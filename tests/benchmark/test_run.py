@@ -81,6 +81,16 @@ def test_checkpoints_load_with_weights_only(tmp_path, mini_root):
     assert len(state["torch_rng"]) == 1 and state["torch_rng"][0].dtype == torch.uint8
 
 
+def test_code_version_outside_git_is_the_one_its_copier_named(tmp_path, monkeypatch):
+    import benchmark.run
+
+    monkeypatch.setattr(benchmark.run, "PROJECT_ROOT", tmp_path)  # a copy without .git
+    monkeypatch.delenv("SMAT_BENCH_CODE_VERSION", raising=False)
+    assert code_version().startswith("smat-bench ")  # the installed package's version
+    monkeypatch.setenv("SMAT_BENCH_CODE_VERSION", "0123abc")
+    assert code_version() == "0123abc"
+
+
 def test_code_version_is_dirty_with_changed_files_or_an_uncommitted_python_file(tmp_path, monkeypatch):
     """An uncommitted one-file method makes the code another one; run directories and notes do not."""
     import benchmark.run
