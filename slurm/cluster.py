@@ -34,8 +34,8 @@ def executor_parameters(**overrides):
     Defaults: one node; ``tasks_per_node`` = ``gpus_per_node`` (one process per GPU, torch.distributed
     across them) or 1; 4 h per allocation, requeued up to 30 times after a time-out; SIGUSR2 120 s
     before the end (submitit's preemption signal: the job requeues itself and the run resumes from its
-    directory); the job name ``smat-bench``; ``SMAT_BENCH_CACHE`` / ``SMAT_BENCH_RECORDS`` exported
-    into the job when set in the submitting shell.
+    directory); the job name ``smat-bench``. The environment the job needs is not among them: `make_executor`
+    exports it (``EXPORTED_ENV``), so parameters saved and reused later never carry a stale one.
 
     Returns:
         a dict of submitit parameters (``AutoExecutor`` names; see `make_executor`).
@@ -51,9 +51,6 @@ def executor_parameters(**overrides):
         slurm_signal_delay_s=120,
         slurm_max_num_timeout=MAX_NUM_TIMEOUT,
     )
-    exports = [f"export {k}={shlex.quote(os.environ[k])}" for k in EXPORTED_ENV if os.environ.get(k)]
-    if exports:
-        params["slurm_setup"] = exports
     params.update(overrides)
     params["gpus_per_node"] = params["gpus_per_node"] or None
     return {k: v for k, v in params.items() if v is not None}
@@ -62,15 +59,27 @@ def executor_parameters(**overrides):
 def make_executor(folder, parameters, local=False):
     """A submitit ``AutoExecutor`` (``local``: subprocesses on this machine) with ``parameters``.
 
+    A SLURM job exports ``SMAT_BENCH_CACHE`` / ``SMAT_BENCH_RECORDS`` as set here and now: the ``export`` lines
+    come after the ``slurm_setup`` lines of ``parameters``, so they win over any older ones there.
+
     Raises:
-        DataError: an unknown parameter (with submitit's list of the valid ones), or no SLURM here.
+        DataError: an unknown parameter (with submitit's list of the valid ones), a ``slurm_setup`` that is
+            not a list of lines, or no SLURM here.
     """
     import submitit
 
     parameters = dict(parameters)
     constructor = {k: parameters.pop(k) for k in _CONSTRUCTOR_ONLY if k in parameters}
-    if not local and shutil.which("sbatch") is None:
-        raise DataError("sbatch not found: this machine is not a SLURM submit host; pass --local to run here")
+    if not local:
+        if shutil.which("sbatch") is None:
+            raise DataError("sbatch not found: this machine is not a SLURM submit host; pass --local to run here")
+        setup = parameters.get("slurm_setup") or []
+        if not isinstance(setup, (list, tuple)):
+            raise DataError(f"--slurm setup={setup!r}: expected a list of shell lines, "
+                            "e.g. --slurm \"setup=['module load cuda']\"")
+        exports = [f"export {k}={shlex.quote(os.environ[k])}" for k in EXPORTED_ENV if os.environ.get(k)]
+        if setup or exports:
+            parameters["slurm_setup"] = [*setup, *exports]
     try:
         executor = submitit.AutoExecutor(folder=folder, cluster="local" if local else "slurm", **constructor)
         executor.update_parameters(**parameters)
@@ -128,13 +137,16 @@ def check_request(parameters):
     nodes = available[partition]["nodes"]
     listing = ", ".join(f"{n}: {v['cpus']} CPUs, {v['gpus']} GPUs" for n, v in sorted(nodes.items()))
     gpus = parameters.get("gpus_per_node") or 0
-    most_gpus = max(v["gpus"] for v in nodes.values())
-    if gpus > most_gpus:
-        raise DataError(f"--gpus-per-node {gpus}: partition {partition} has no node with {gpus} GPUs ({listing}); "
-                        f"ask for at most {most_gpus} or choose another --partition")
     cpus = (parameters.get("cpus_per_task") or 1) * (parameters.get("tasks_per_node") or 1)
-    most_cpus = max(v["cpus"] for v in nodes.values())
-    if cpus > most_cpus:
-        raise DataError(f"{cpus} CPUs per node (--cpus-per-task × tasks per node): partition {partition} has no node "
-                        f"with that many ({listing}); lower --cpus-per-task")
-    return partition
+    fitting = [v["cpus"] for v in nodes.values() if v["gpus"] >= gpus]  # the CPUs of the nodes with enough GPUs
+    if fitting and max(fitting) >= cpus:
+        return partition
+    if not fitting:
+        fix = f"ask for at most {max(v['gpus'] for v in nodes.values())} GPUs"
+    elif gpus:
+        fix = (f"lower --cpus-per-task or --gpus-per-node (its nodes with {gpus} or more GPUs have at most "
+               f"{max(fitting)} CPUs)")
+    else:
+        fix = f"lower --cpus-per-task (its nodes have at most {max(fitting)} CPUs)"
+    raise DataError(f"{gpus} GPUs and {cpus} CPUs on one node (--gpus-per-node; --cpus-per-task × tasks per node): "
+                    f"partition {partition} has no node with both ({listing}); {fix}, or choose another --partition")

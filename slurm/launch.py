@@ -95,11 +95,15 @@ def parameters_from_args(args, **extra):
 
 
 def check_config(gin_files, bindings):
-    """Parse the gin files and bindings as ``benchmark.run`` will (a bad file or binding raises DataError)."""
+    """Parse the gin files and bindings as ``benchmark.run`` will (a bad file or binding raises DataError);
+    returns gin's text of the parsed config (equal texts: the same run)."""
+    import gin
+
     from benchmark.run import parse_config
 
     with contextlib.redirect_stderr(io.StringIO()):  # the "no benchmark bound" notice is the job's to print
-        return parse_config(gin_files, bindings)
+        parse_config(gin_files, bindings)
+    return gin.config_str()
 
 
 def submit_jobs(executor, argvs, workdir=None):

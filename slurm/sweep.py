@@ -10,21 +10,25 @@ strings); ``--grid 'gin=[methods/pmf.gin, methods/smat.gin]'`` varies a gin file
 cartesian product is submitted as one job array (``executor.map_array``), at most K elements running
 at once; point ``target_sparsity=0.5,num_experts=4`` runs in ``SWEEP_DIR/target_sparsity=0.5,num_experts=4``
 with ``--bind 'smat.target_sparsity = 0.5' --bind 'smat.num_experts = 4'`` added to the command line.
-Every point's gin config is parsed, and the partition, GPUs and CPUs checked with ``sinfo``, before
-anything is submitted; a refusal is one line and exit status 2.
+Every point's gin config is parsed as its job will parse it, and the partition, GPUs and CPUs checked
+with ``sinfo``, before anything is submitted; two points with the same config (an option such as
+``--adapt`` overriding what the grid varies) are refused too. A refusal is one line and exit status 2.
 
 ``SWEEP_DIR/sweep.json`` (the manifest) maps each point to its bindings, command line, job id (and
 earlier ids), run directory and last known status. ``--status`` prints every point's state (from
 the job's result file, else ``sacct``) and the number of result rows in its run directory, and names
 the failed points; ``--resubmit-failed`` resubmits only those (as one array; each resumes from its run
-directory, in the directory the sweep was submitted from, so relative paths keep their meaning);
+directory, in the directory the sweep was submitted from, so relative paths keep their meaning). Both
+update the manifest under ``SWEEP_DIR/.sweep.lock``, so two at once never undo each other's changes;
 ``--wait`` blocks with a progress bar until every job ended, prints the summary and exits 1 when a
 point failed. ``--local`` runs the points on this machine, K at a time (default 1), and waits.
 """
 
 import argparse
 import ast
+import contextlib
 import datetime
+import fcntl
 import itertools
 import json
 import os
@@ -43,6 +47,7 @@ __all__ = ["main", "submit", "status", "resubmit_failed", "wait", "parse_grid", 
 
 PROG = "python -m slurm.sweep"
 MANIFEST = "sweep.json"
+LOCK = ".sweep.lock"  # beside the manifest: held by every load-modify-save of it
 FORMAT = 1
 GIN = "gin"  # the grid key that varies a gin file
 ACTIVE = {"PENDING", "RUNNING", "REQUEUED", "REQUEUE_FED", "REQUEUE_HOLD", "RESV_DEL_HOLD", "COMPLETING",
@@ -151,15 +156,29 @@ def _point_argv(point):
 
 def _manifest_path(path):
     path = Path(path)
-    return path / MANIFEST if path.is_dir() else path
+    path = path / MANIFEST if path.is_dir() else path
+    if not path.is_file():
+        raise DataError(f"{path}: no sweep manifest (give SWEEP_DIR or SWEEP_DIR/{MANIFEST})")
+    return path
+
+
+@contextlib.contextmanager
+def _locked(path):
+    """Hold the sweep's lock (``flock`` of ``.sweep.lock`` beside the manifest ``path``) for the block.
+
+    Every load-modify-save of an existing manifest runs under it, so that ``--status`` never writes back the
+    job ids a ``--resubmit-failed`` elsewhere just replaced. Not re-entrant: code under it never takes it
+    again (a second ``flock`` in the same process would wait forever).
+    """
+    with open(path.with_name(LOCK), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield  # closing the file releases the lock
 
 
 def load(path):
     path = _manifest_path(path)
     try:
         manifest = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise DataError(f"{path}: no sweep manifest (give SWEEP_DIR or SWEEP_DIR/{MANIFEST})") from None
     except json.JSONDecodeError as err:
         raise DataError(f"{path}: not a sweep manifest ({err})") from None
     if manifest.get("format") != FORMAT:
@@ -183,10 +202,14 @@ def _own_parser():
 def submit(argv):
     """Check every point, submit the grid as one job array, write the manifest; returns its path.
 
+    Each point's command line is parsed as its job will parse it (the sweep's options, the point's
+    ``--gin`` / ``--bind``, then ``--smoke`` / ``--adapt``, which bind last).
+
     Raises:
-        DataError: a bad grid, gin file or binding (for any point), an unknown partition or submitit
-            parameter, more GPUs or CPUs than a node has, an existing sweep in SWEEP_DIR, or sbatch
-            refused the array; nothing was submitted.
+        DataError: a bad grid, gin file or binding (for any point), two points with the same config (an
+            option overrides what the grid varies), an unknown partition or submitit parameter, more GPUs or
+            CPUs than a node has, an existing sweep in SWEEP_DIR, or sbatch refused the array; nothing was
+            submitted.
     """
     from benchmark.run import build_parser as run_parser
     from benchmark.run import run_bindings
@@ -203,15 +226,19 @@ def submit(argv):
                         "or choose another --out")
     grid = parse_grid(args.grid)
     base = run_argv(argv, _own_parser())
-    base_args = run_parser().parse_args(base)
     points = points_of(grid)
+    configs = {}  # gin's text of each point's config: the point that has it
     for point in points:
-        gin_files = base_args.gin + [str(v) for n, v in point.items() if n == GIN]
-        bindings = run_bindings(base_args) + [f"{n} = {v!r}" for n, v in point.items() if n != GIN]
+        name = point_name(point, grid)
         try:
-            check_config(gin_files, bindings)
+            job_args = run_parser().parse_args(base + _point_argv(point))  # exactly what the job parses
+            config = check_config(job_args.gin, run_bindings(job_args))
         except DataError as err:
-            raise DataError(f"grid point {point_name(point, grid)}: {err}") from None
+            raise DataError(f"grid point {name}: {err}") from None
+        if config in configs:
+            raise DataError(f"grid points {configs[config]} and {name} run the same config: an option (--adapt, "
+                            "--smoke, --bind) overrides what the grid varies; drop it or that --grid")
+        configs[config] = name
     parameters = parameters_from_args(args, name=f"smat-sweep:{sweep_dir.name}",
                                       slurm_array_parallelism=args.array_parallelism)
     if not args.local:
@@ -266,13 +293,17 @@ def _submit_entries(manifest, executor, entries):
 
 
 def _run_locally(manifest_path, manifest, executor, entries, parallelism):
-    """Run ``entries`` with the local executor, ``parallelism`` at a time, until all ended."""
+    """Run ``entries`` with the local executor, ``parallelism`` at a time, until all ended.
+
+    Takes the sweep's lock only to save each new job id, so that ``--status`` elsewhere runs meanwhile.
+    """
     waiting, running = list(entries), []
     while waiting or running:
         running = [job for job in running if not job.done()]
         while waiting and len(running) < parallelism:
             running += _submit_entries(manifest, executor, [waiting.pop(0)])
-            save(manifest_path, manifest)
+            with _locked(manifest_path):
+                save(manifest_path, manifest)
         time.sleep(0.5)
 
 
@@ -321,9 +352,20 @@ def _rows(run_dir):
 
 
 def _squeue_states(job_ids):
-    """{job id: state} of the jobs slurmctld still holds (finished ones stay listed for a few minutes)."""
-    result = subprocess.run(["squeue", "-h", "-r", "-t", "all", "-j", ",".join(job_ids), "-o", "%i|%T"],
-                            capture_output=True, text=True, timeout=60)
+    """{job id: state} of the jobs slurmctld still holds (finished ones stay listed for a few minutes).
+
+    Raises:
+        DataError: squeue failed or timed out. An id slurmctld does not know is no failure, only left out
+            (asked for alone, squeue exits 1 with "Invalid job id specified"; in a list it is skipped).
+    """
+    try:
+        result = subprocess.run(["squeue", "-h", "-r", "-t", "all", "-j", ",".join(job_ids), "-o", "%i|%T"],
+                                capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired) as err:
+        raise DataError(f"squeue failed: {err}; job states unknown, try again") from None
+    if result.returncode != 0 and "Invalid job id specified" not in result.stderr:
+        why = " ".join(result.stderr.split()) or f"exit status {result.returncode}"
+        raise DataError(f"squeue failed: {why}; job states unknown, try again")
     return dict(line.split("|", 1) for line in result.stdout.split() if "|" in line)
 
 
@@ -378,14 +420,23 @@ def _refresh_states(manifest):
         entry["status"] = states[entry["job_id"]]
 
 
-def status(path):
-    """Refresh and save every point's status and result rows; returns ``(manifest path, manifest)``."""
+def _refresh(path):
+    """Load the manifest at ``path``, refresh every point's status and result rows, save it; returns it.
+    The caller holds the sweep's lock."""
     path, manifest = load(path)
     _refresh_states(manifest)
     for entry in manifest["points"]:
         entry["rows"] = _rows(entry["run_dir"])
     save(path, manifest)
-    return path, manifest
+    return manifest
+
+
+def status(path):
+    """Refresh and save every point's status and result rows (under the sweep's lock); returns
+    ``(manifest path, manifest)``."""
+    path = _manifest_path(path)
+    with _locked(path):
+        return path, _refresh(path)
 
 
 def failed(manifest):
@@ -432,21 +483,23 @@ def wait(path, poll_s=POLL_S):
 
 
 def resubmit_failed(path):
-    """Resubmit only the failed points (one array; each resumes from its run directory); returns them."""
-    path, manifest = status(path)
-    bad = failed(manifest)
-    if not bad:
-        return []
-    parameters = dict(manifest["parameters"])
-    local = manifest["cluster"] == "local"
-    if not local:
-        check_request(parameters)
-    executor = make_executor(manifest["folder"], parameters, local=local)
-    if local:
+    """Resubmit only the failed points (one array; each resumes from its run directory); returns them.
+
+    On SLURM the refresh, the submission and the save of the new job ids are one step under the sweep's
+    lock; local points run here to their end, the lock taken only to save.
+    """
+    path = _manifest_path(path)
+    with _locked(path):
+        manifest = _refresh(path)
+        bad = failed(manifest)
+        parameters = manifest["parameters"]
+        if bad and manifest["cluster"] == "slurm":
+            check_request(parameters)
+            _submit_entries(manifest, make_executor(manifest["folder"], parameters), bad)
+            save(path, manifest)
+    if bad and manifest["cluster"] == "local":
+        executor = make_executor(manifest["folder"], parameters, local=True)
         _run_locally(path, manifest, executor, bad, parameters.get("slurm_array_parallelism") or 1)
-    else:
-        _submit_entries(manifest, executor, bad)
-    save(path, manifest)
     return bad
 
 

@@ -11,16 +11,19 @@ import re
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import submitit
 import torch
 
 from registry.errors import DataError
+from slurm import cluster as slurm_cluster
 from slurm import launch, sweep
-from slurm.cluster import executor_parameters, make_executor
+from slurm.cluster import check_request, executor_parameters, make_executor
 from slurm.job import BenchmarkJob
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -103,6 +106,42 @@ def single_smat(cluster, tmp_path_factory):
     return job, out
 
 
+def sacct_says(monkeypatch, state):
+    """sacct's view (submitit's ``SlurmInfoWatcher``): every job is in ``state``."""
+    import submitit.slurm.slurm
+
+    class Watcher:
+        def register_job(self, job_id):
+            pass
+
+        def update(self):
+            pass
+
+        def get_state(self, job_id, mode):
+            return state
+
+    monkeypatch.setattr(submitit.slurm.slurm, "SlurmInfoWatcher", Watcher)
+
+
+def squeue_says(monkeypatch, returncode, stdout="", stderr=""):
+    """``squeue`` exits with ``returncode`` and prints ``stdout`` / ``stderr``."""
+    def run(command, **kwargs):
+        assert command[0] == "squeue", command
+        return subprocess.CompletedProcess(command, returncode, stdout, stderr)
+
+    monkeypatch.setattr(sweep.subprocess, "run", run)
+
+
+def slurm_manifest(tmp_path, job_id, state):
+    """A saved SLURM sweep of one point ``a`` whose job is ``job_id``; returns the manifest's path."""
+    path = tmp_path / sweep.MANIFEST
+    point = dict(name="a", values={}, run_dir=str(tmp_path / "a"), argv=[], job_id=job_id, jobs=[job_id],
+                 status=state, rows=0)
+    sweep.save(path, dict(format=sweep.FORMAT, cluster="slurm", folder=str(tmp_path / "submitit"), parameters={},
+                          workdir=str(tmp_path), points=[point]))
+    return path
+
+
 # --- no cluster needed ----------------------------------------------------------------------------------
 
 
@@ -131,19 +170,7 @@ def test_a_failed_local_job_names_its_exception_and_a_local_resubmission_reports
 
 def test_a_preempted_job_is_active_while_requeued_and_failed_once_it_is_not(tmp_path, monkeypatch):
     """sacct says PREEMPTED both for a job submitit requeued and one preemption cancelled: squeue decides."""
-    import submitit.slurm.slurm
-
-    class Watcher:  # sacct's view: both jobs preempted
-        def register_job(self, job_id):
-            pass
-
-        def update(self):
-            pass
-
-        def get_state(self, job_id, mode):
-            return "PREEMPTED"
-
-    monkeypatch.setattr(submitit.slurm.slurm, "SlurmInfoWatcher", Watcher)
+    sacct_says(monkeypatch, "PREEMPTED")
     monkeypatch.setattr(sweep, "_squeue_states", lambda job_ids: {"11": "PENDING"})  # job 11 was requeued
     manifest = {"folder": str(tmp_path), "cluster": "slurm",
                 "points": [{"job_id": "11", "status": None}, {"job_id": "12", "status": None}]}
@@ -152,6 +179,77 @@ def test_a_preempted_job_is_active_while_requeued_and_failed_once_it_is_not(tmp_
     for entry in manifest["points"]:
         entry["status"] = states[entry["job_id"]]
     assert [e["job_id"] for e in sweep.failed(manifest)] == ["12"]
+
+
+def test_a_failing_squeue_is_an_error_and_only_a_job_it_does_not_know_is_lost(tmp_path, monkeypatch):
+    """squeue decides for a job sacct does not know. Asked for one id slurmctld does not know, squeue exits 1
+    with "Invalid job id specified" (see the cluster test): lost. Any other failure leaves the states unknown."""
+    sacct_says(monkeypatch, "UNKNOWN")
+    manifest = {"folder": str(tmp_path), "cluster": "slurm", "points": [{"job_id": "11", "status": "RUNNING"}]}
+    squeue_says(monkeypatch, 0, stdout="11|RUNNING\n")
+    assert sweep._states(manifest, manifest["points"]) == {"11": "RUNNING"}
+    squeue_says(monkeypatch, 1, stderr="slurm_load_jobs error: Invalid job id specified\n")
+    assert sweep._states(manifest, manifest["points"]) == {"11": "LOST"}
+    squeue_says(monkeypatch, 1, stderr="slurm_load_jobs error: Unable to contact slurm controller (connect failure)\n")
+    with pytest.raises(DataError, match=r"^squeue failed: .*\(connect failure\); job states unknown, try again$"):
+        sweep._states(manifest, manifest["points"])
+
+    def hangs(command, **kwargs):
+        raise subprocess.TimeoutExpired(command, kwargs["timeout"])
+
+    monkeypatch.setattr(sweep.subprocess, "run", hangs)
+    with pytest.raises(DataError, match=r"^squeue failed: .*timed out after 60 seconds; job states unknown"):
+        sweep._states(manifest, manifest["points"])
+
+
+def test_status_never_writes_back_the_job_ids_a_resubmission_just_saved(tmp_path, monkeypatch):
+    """``--status`` asks sacct (slow) while ``--resubmit-failed`` in another terminal resubmits the failed
+    point: the new job id stays in the manifest (or a later resubmission would run a second job in its directory)."""
+    path = slurm_manifest(tmp_path, "11", "FAILED")
+    resubmitted = threading.Event()
+    elsewhere = threading.Thread(target=lambda: sweep.resubmit_failed(path) and resubmitted.set())
+    asked = []
+
+    def sacct(manifest, entries):
+        asked.append(threading.current_thread())
+        if len(asked) == 1:  # --status: the resubmission starts while sacct answers (with the lock: it waits)
+            elsewhere.start()
+            resubmitted.wait(timeout=2)
+        return {e["job_id"]: "FAILED" if e["job_id"] == "11" else "PENDING" for e in entries}
+
+    monkeypatch.setattr(sweep, "_states", sacct)
+    monkeypatch.setattr(sweep, "check_request", lambda parameters: "debug")
+    monkeypatch.setattr(sweep, "make_executor", lambda folder, parameters, local=False: None)
+    monkeypatch.setattr(sweep, "submit_jobs", lambda executor, argvs, workdir=None: [SimpleNamespace(job_id="12")])
+    sweep.status(path)
+    elsewhere.join(timeout=30)
+    assert [p["jobs"] for p in sweep.load(path)[1]["points"]] == [["11", "12"]]
+    for missing in (tmp_path / "nowhere", tmp_path / "a"):  # no manifest: the error, and no lock file made
+        with pytest.raises(DataError, match="no sweep manifest"):
+            sweep.status(missing)
+        assert not (missing / sweep.LOCK).exists()
+
+
+def test_a_local_sweep_takes_the_lock_only_to_save_so_status_answers_meanwhile(tmp_path):
+    path = tmp_path / sweep.MANIFEST
+    manifest = dict(format=sweep.FORMAT, cluster="local", folder=str(tmp_path / "submitit"),
+                    points=[dict(name="a", run_dir=str(tmp_path / "a"), argv=[], job_id=None, jobs=[],
+                                 status="NOT SUBMITTED", rows=0)])
+    sweep.save(path, manifest)
+    answered = []
+
+    class Job:  # a local job still running while --status runs elsewhere
+        job_id = "999999999"
+
+        def done(self):
+            asker = threading.Thread(target=lambda: answered.append(sweep.status(path)), daemon=True)
+            asker.start()
+            asker.join(timeout=30)
+            return True
+
+    executor = SimpleNamespace(submit=lambda job, argv: Job())
+    sweep._run_locally(path, manifest, executor, manifest["points"], 1)
+    assert len(answered) == 1 and sweep.load(path)[1]["points"][0]["jobs"] == ["999999999"]
 
 
 def test_a_local_job_that_gets_an_earlier_jobs_process_id_is_not_taken_for_it(tmp_path):
@@ -228,6 +326,36 @@ def test_failed_points_resubmitted_from_elsewhere_run_where_the_sweep_was_submit
     assert len(rows(tmp_path / "s" / "seed=0")) == 6 * 2
 
 
+def test_a_slurm_job_exports_the_environment_of_its_submission_not_of_the_saved_parameters(tmp_path, monkeypatch):
+    """A sweep's saved parameters carry no ``export``: a resubmission exports SMAT_BENCH_RECORDS as set then,
+    after the user's setup lines and after the stale export an older manifest saved (the later export wins)."""
+    monkeypatch.setenv("SMAT_BENCH_RECORDS", "/old/records")
+    assert "slurm_setup" not in executor_parameters()
+    monkeypatch.setenv("SMAT_BENCH_RECORDS", "/fixed records")
+    monkeypatch.setattr(slurm_cluster.shutil, "which", lambda name: f"/usr/bin/{name}")  # a submit host
+    saved = executor_parameters(slurm_setup=["module load cuda", "export SMAT_BENCH_RECORDS=/old/records"])
+    setup = make_executor(tmp_path, saved)._executor.parameters["setup"]
+    assert setup[:2] == saved["slurm_setup"] and setup[-1] == "export SMAT_BENCH_RECORDS='/fixed records'"
+    with pytest.raises(DataError, match="--slurm setup='module load cuda': expected a list of shell lines"):
+        make_executor(tmp_path, executor_parameters(slurm_setup="module load cuda"))
+
+
+def test_a_request_needs_one_node_with_both_its_gpus_and_its_cpus(monkeypatch):
+    nodes = {"g1": dict(cpus=16, gpus=8, gres="gpu:8"), "c1": dict(cpus=128, gpus=0, gres="(null)")}
+    monkeypatch.setattr(slurm_cluster, "partitions", lambda: {"mixed": dict(default=True, nodes=nodes)})
+    assert check_request(executor_parameters(gpus_per_node=8, cpus_per_task=2)) == "mixed"  # 16 CPUs: g1
+    assert check_request(executor_parameters(cpus_per_task=128)) == "mixed"  # c1
+    with pytest.raises(DataError, match=re.escape(
+            "8 GPUs and 64 CPUs on one node (--gpus-per-node; --cpus-per-task × tasks per node): partition mixed has "
+            "no node with both (c1: 128 CPUs, 0 GPUs, g1: 16 CPUs, 8 GPUs); lower --cpus-per-task or --gpus-per-node "
+            "(its nodes with 8 or more GPUs have at most 16 CPUs), or choose another --partition")):
+        check_request(executor_parameters(gpus_per_node=8, cpus_per_task=8))
+    with pytest.raises(DataError, match="no node with both .*; ask for at most 8 GPUs, or choose another --partition"):
+        check_request(executor_parameters(gpus_per_node=9))
+    with pytest.raises(DataError, match=r"no node with both .*; lower --cpus-per-task \(its nodes have at most 128 "):
+        check_request(executor_parameters(cpus_per_task=129))
+
+
 def test_cluster_defaults_come_first_and_the_callers_options_last():
     defaults = executor_parameters()
     assert defaults["slurm_signal_delay_s"] == 120 and defaults["slurm_max_num_timeout"] == 30
@@ -265,6 +393,25 @@ def test_every_run_option_passes_through_to_the_job_unchanged():
         "--adapt", "protonet,full"]
 
 
+def test_each_grid_point_is_checked_as_its_job_runs_and_a_grid_an_option_overrides_is_refused(tmp_path, monkeypatch):
+    """--adapt binds run.adapters after the point's --bind, in the job as in the check: a grid of adapters
+    with --adapt would run protonet at every point."""
+    class Submitted(Exception):
+        pass
+
+    def check_request(parameters):
+        raise Submitted
+
+    monkeypatch.setattr(sweep, "check_request", check_request)
+    smat = ["--gin", "methods/smat.gin", "--adapt", "protonet", "--out", str(tmp_path / "s")]
+    with pytest.raises(DataError, match=r"^grid points adapters=\S+ and adapters=\S+ run the same config: an option "
+                                        r"\(--adapt, --smoke, --bind\) overrides what the grid varies"):
+        sweep.submit([*smat, "--grid", "run.adapters=[('full',), ('lora',)]"])
+    with pytest.raises(Submitted):  # what --adapt does not override is a sweep
+        sweep.submit([*smat, "--grid", "smat.num_experts=[4, 8]", "--grid", "gin=[methods/pmf.gin, methods/smat.gin]"])
+    assert not (tmp_path / "s").exists()
+
+
 def test_grid_points_are_the_cartesian_product_with_readable_names():
     grid = sweep.parse_grid(["smat.target_sparsity=[0.5, 0.7]", "smat.num_experts=[4, 8, 16]",
                              "gin=[methods/pmf.gin, methods/smat.gin]"])
@@ -295,11 +442,11 @@ def test_bad_requests_are_refused_before_anything_is_submitted(cluster, tmp_path
     before = all_job_ids()
     cases = [
         (launch.main, [*SMOKE_SMAT, "--partition", "nope"], "--partition nope: no such partition"),
-        (launch.main, [*SMOKE_SMAT, "--gpus-per-node", "3", *ONE_CPU], "--gpus-per-node 3: partition debug has no node"),
+        (launch.main, [*SMOKE_SMAT, "--gpus-per-node", "3", *ONE_CPU], "3 GPUs and 3 CPUs on one node"),
         (launch.main, [*SMOKE_SMAT, "--bind", "smat.num_expert = 4"], "doesn't have a parameter named 'num_expert'"),
         (sweep.main, [*SMOKE_SMAT, "--grid", "smat.num_expert=[4, 8]"], "doesn't have a parameter named 'num_expert'"),
         (sweep.main, [*SMOKE_SMAT, "--grid", "smat.num_experts=[4, 8]", "--partition", "nope"], "no such partition"),
-        (sweep.main, [*SMOKE_SMAT, "--grid", "smat.num_experts=[4, 8]", "--gpus-per-node", "9"], "has no node with 9"),
+        (sweep.main, [*SMOKE_SMAT, "--grid", "smat.num_experts=[4, 8]", "--gpus-per-node", "9"], "ask for at most 2 GPUs"),
         (launch.main, [*SMOKE_SMAT, "--adapt", "bogus"], "--adapt bogus: unknown adapter"),
         (sweep.main, [*SMOKE_SMAT, "--grid", "smat.num_experts=[4, 8]", "--adapt", "bogus"], "unknown adapter"),
     ]
@@ -312,6 +459,11 @@ def test_bad_requests_are_refused_before_anything_is_submitted(cluster, tmp_path
         assert not out.exists()
     time.sleep(1)
     assert all_job_ids() == before
+
+
+def test_squeue_leaves_out_the_jobs_it_does_not_know(cluster):
+    """Asked for one id slurmctld does not know, squeue exits 1 ("Invalid job id specified"); for several, 0."""
+    assert sweep._squeue_states(["999999"]) == {} and sweep._squeue_states(["999998", "999999_3"]) == {}
 
 
 def test_a_sweep_is_one_array_with_a_manifest_and_only_failed_points_are_resubmitted(cluster, tmp_path, capsys):
