@@ -557,3 +557,57 @@ def test_two_tasks_on_the_fake_gpus_give_the_single_task_results(single_smat, tm
     first = lambda run: json.loads((run / "metrics.jsonl").read_text().splitlines()[0])  # noqa: E731
     assert first(out)["step"] == first(single)["step"] == 1
     assert first(out)["loss"] == pytest.approx(first(single)["loss"], rel=1e-5)  # the same 4 tasks, all gathered
+
+
+# --- the example sbatch files (plain sbatch, no submitit) -----------------------------------------------
+
+
+def sbatch(*args, env=None):
+    """``sbatch ARGS`` from the project's root, its jobs running this interpreter's ``python``; returns the job id
+    (with ``--wait``, after the job ended well: sbatch exits with the job's status)."""
+    path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"
+    result = subprocess.run(["sbatch", "--parsable", *args], cwd=ROOT, capture_output=True, text=True, timeout=900,
+                            env={**os.environ, "PATH": path, **(env or {})})
+    assert result.returncode == 0, result.stderr
+    return result.stdout.strip().split(";")[0]
+
+
+def test_the_example_sbatch_file_runs_one_task_per_gpu_in_one_group(single_smat, tmp_path):
+    _, single = single_smat
+    out, log = tmp_path / "two", tmp_path / "job.out"
+    sbatch("--wait", "--gres=gpu:2", "--ntasks-per-node=2", "--cpus-per-task=1", f"--output={log}",  # the job's exit
+           "slurm/examples/benchmark_run.sbatch", *SMOKE_SMAT, *CALM_MASKS, "--out", str(out))  # status is sbatch's
+    one, two = rows(single), rows(out)
+    key = lambda r: (r["adaptation"], r["source"], r["episode"])  # noqa: E731
+    assert sorted(map(key, two)) == sorted(map(key, one)), log.read_text()
+    assert {r["run_id"] for r in two} == {one[0]["run_id"] + "-w2"}  # meta-trained by two processes
+
+
+def test_the_example_sbatch_file_requeues_before_its_time_limit_and_resumes(cluster, tmp_path):
+    out, log = tmp_path / "run", tmp_path / "job.out"
+    job_id = sbatch("--gres=gpu:1", "--cpus-per-task=1", f"--output={log}", "slurm/examples/benchmark_run.sbatch",
+                    *RESUME, "--out", str(out))
+    last, deadline = out / "checkpoints" / "last.pt", time.time() + 300
+    while not last.exists() and time.time() < deadline:
+        time.sleep(0.2)
+    subprocess.run(["scancel", "--signal=USR1", "--batch", job_id], check=True)  # SLURM's warning (--signal=B:USR1@120)
+    states = []
+    while time.time() < deadline and (not states or states[-1] not in ("COMPLETED", "FAILED", "CANCELLED")):
+        time.sleep(1)
+        states.append(subprocess.run(["sacct", "-j", job_id, "-X", "-n", "-o", "State"], capture_output=True,
+                                     text=True).stdout.strip())
+    text = log.read_text()
+    assert states[-1] == "COMPLETED" and f"requeueing job {job_id}" in text, (states, text[-2000:])
+    assert re.search(r"resuming .* at meta-update \d+/12", text)
+    assert len(rows(out)) == 12
+    steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()
+             if json.loads(line)["kind"] == "train"]
+    assert steps == list(range(1, 13))
+
+
+def test_the_table1_example_is_one_array_element_per_method(cluster, tmp_path):
+    sbatch("--wait", "--array=0-1", "--gres=gpu:1", "--cpus-per-task=1", f"--output={tmp_path}/%a.out",
+           "slurm/examples/table1_array.sbatch", "--smoke", env={"TABLE1_OUT": str(tmp_path)})
+    for method in ("pre", "pmf"):
+        written = rows(tmp_path / method)
+        assert written and {r["method"] for r in written} == {method}, (tmp_path / "0.out").read_text()[-2000:]
