@@ -64,7 +64,7 @@ else
         --json "$out/perf.json" --profile "$logs/profiles" > "$out/perf.log" 2>&1
     ran=$?
     [ $ran -eq 0 ] || { status=1; echo "perf all FAILED (exit $ran; 124: cut at ${left} s; what it measured is in perf.json)"; }
-    grep -E "^(# |\| |SMAT step|plain bf16)" "$out/perf.log"
+    grep -E "^(# |\| |SMAT step|plain bf16)| step +([0-9]|—)" "$out/perf.log"  # the tables, steps and ratios
 fi
 pack
 exit $status
