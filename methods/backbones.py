@@ -160,18 +160,20 @@ def compiled_functional(backbone):
     activations it reads (no donated buffers), so a forward can be gone back through twice
     (``retain_graph``: SMAT's teacher takes its gradient through the student's query pass)."""
     def build(model):
-        def call(params, x):
-            return functional_call(model, params, (x,))
-
-        compiled = _within_variant_limit(torch.compile(call, backend=_inductor_backend(donated_buffer=False)))
+        compiled = _within_variant_limit(torch.compile(_functional_forward, backend=_inductor_backend(donated_buffer=False)))
+        model = weakref.ref(model)  # what `derived` keeps must not keep the backbone, its key, alive
 
         def forward(params, x):
             torch._dynamo.maybe_mark_dynamic(x, 0)
-            return compiled(params, x)
+            return compiled(model(), params, x)
 
         return forward
 
     return derived(backbone, ("compiled functional",), build)
+
+
+def _functional_forward(module, params, x):
+    return functional_call(module, params, (x,))
 
 
 def grad_keeping_graph(output, inputs):

@@ -528,3 +528,19 @@ def test_compiled_inference_equals_the_plain_forward():
     assert ("working copy", "inference", str(DEVICE), None) in _DERIVED[backbone]  # the compiled path was taken
     for fast, plain in zip(predictions[True], predictions[False], strict=True):
         assert_same_predictions(fast, plain)
+
+
+def test_a_compiled_forward_with_gradients_does_not_keep_its_backbone_alive():
+    """`compiled_functional` is kept per backbone (a weak key): it must not hold the backbone itself, or neither
+    is ever freed (a later model's peak memory would count it)."""
+    import gc
+    import weakref
+
+    backbone = create_backbone(MINI_BACKBONE, pretrained=False).to(DEVICE)
+    params = {n: p.detach().clone().requires_grad_() for n, p in backbone.named_parameters()}
+    forward_features(backbone, params, random_task().support_x, compile_backbone=True).sum().backward()
+    assert backbone in _DERIVED
+    alive = weakref.ref(backbone)
+    del backbone
+    gc.collect()
+    assert alive() is None
