@@ -21,7 +21,7 @@ import subprocess
 
 from registry.errors import DataError
 
-__all__ = ["executor_parameters", "make_executor", "check_request", "partitions", "EXPORTED_ENV"]
+__all__ = ["executor_parameters", "make_executor", "check_request", "check_local_request", "partitions", "EXPORTED_ENV"]
 
 MAX_NUM_TIMEOUT = 30  # requeues after a time-out (preemptions are not counted), as dinov2
 EXPORTED_ENV = ("SMAT_BENCH_CACHE", "SMAT_BENCH_RECORDS")  # exported into every job when set here
@@ -150,3 +150,18 @@ def check_request(parameters):
         fix = f"lower --cpus-per-task (its nodes have at most {max(fitting)} CPUs)"
     raise DataError(f"{gpus} GPUs and {cpus} CPUs on one node (--gpus-per-node; --cpus-per-task × tasks per node): "
                     f"partition {partition} has no node with both ({listing}); {fix}, or choose another --partition")
+
+
+def check_local_request(parameters):
+    """Refuse, before a ``--local`` run, more GPUs than this machine has: the tasks past its last GPU would fail
+    and the others wait for them. A machine without CUDA runs the tasks on the CPU (gloo), any number of them.
+
+    Raises:
+        DataError: naming the GPUs asked for and those here, and the fix.
+    """
+    import torch
+
+    gpus, here = parameters.get("gpus_per_node") or 0, torch.cuda.device_count()
+    if here and gpus > here:
+        raise DataError(f"--gpus-per-node {gpus} --local: this machine has {here} GPU(s); ask for at most {here} "
+                        "(more processes on the CPU: --tasks-per-node N --bind \"run.device = 'cpu'\")")

@@ -23,7 +23,7 @@ import sys
 from pathlib import Path
 
 from registry.errors import DataError, exit_on_error
-from slurm.cluster import check_request, executor_parameters, make_executor
+from slurm.cluster import check_local_request, check_request, executor_parameters, make_executor
 from slurm.job import BenchmarkJob
 
 __all__ = ["main", "submit", "build_parser", "cluster_parser", "run_argv", "parameters_from_args", "check_config",
@@ -162,7 +162,9 @@ def submit(argv):
     if run_dir is not None:
         forwarded += ["--out", str(run_dir)]
     parameters = parameters_from_args(args, name=f"smat-bench:{run_dir.name}" if run_dir else None)
-    if not args.local:
+    if args.local:
+        check_local_request(parameters)
+    else:
         parameters["slurm_partition"] = check_request(parameters)
     folder = (run_dir or Path("runs").absolute()) / "submitit"
     executor = make_executor(folder, parameters, local=args.local)

@@ -40,7 +40,7 @@ import time
 from pathlib import Path
 
 from registry.errors import DataError, exit_on_error
-from slurm.cluster import check_request, make_executor
+from slurm.cluster import check_local_request, check_request, make_executor
 from slurm.launch import check_config, cluster_parser, parameters_from_args, run_argv, submit_jobs
 
 __all__ = ["main", "submit", "status", "resubmit_failed", "wait", "parse_grid", "point_name", "build_parser"]
@@ -241,7 +241,9 @@ def submit(argv):
         configs[config] = name
     parameters = parameters_from_args(args, name=f"smat-sweep:{sweep_dir.name}",
                                       slurm_array_parallelism=args.array_parallelism)
-    if not args.local:
+    if args.local:
+        check_local_request(parameters)
+    else:
         parameters["slurm_partition"] = check_request(parameters)
     folder = sweep_dir / "submitit"
     executor = make_executor(folder, parameters, local=args.local)
@@ -498,6 +500,7 @@ def resubmit_failed(path):
             _submit_entries(manifest, make_executor(manifest["folder"], parameters), bad)
             save(path, manifest)
     if bad and manifest["cluster"] == "local":
+        check_local_request(parameters)
         executor = make_executor(manifest["folder"], parameters, local=True)
         _run_locally(path, manifest, executor, bad, parameters.get("slurm_array_parallelism") or 1)
     return bad

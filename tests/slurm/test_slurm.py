@@ -145,6 +145,31 @@ def slurm_manifest(tmp_path, job_id, state):
 # --- no cluster needed ----------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("gpus_here", [0, 1])
+def test_a_local_run_asks_for_no_more_gpus_than_the_machine_has(tmp_path, monkeypatch, capsys, gpus_here):
+    """On a machine with one GPU, two tasks on two GPUs are refused (rank 1 has no GPU and rank 0 would wait for
+    it); on a machine without CUDA they run on the CPU."""
+    class Submitted(Exception):
+        pass
+
+    def make_executor(folder, parameters, local=False):
+        raise Submitted
+
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: gpus_here)
+    for module in (launch, sweep):
+        monkeypatch.setattr(module, "make_executor", make_executor)
+    for main, extra in ((launch.main, []), (sweep.main, ["--grid", "smat.num_experts=[4, 8]"])):
+        argv = [*SMOKE_SMAT, *extra, "--local", "--gpus-per-node", "2", "--out", str(tmp_path / main.__module__)]
+        if gpus_here:
+            with pytest.raises(SystemExit) as exit_info:
+                main(argv)
+            assert exit_info.value.code == 2
+            assert "--gpus-per-node 2 --local: this machine has 1 GPU(s); ask for at most 1" in capsys.readouterr().err
+        else:
+            with pytest.raises(Submitted):
+                main(argv)
+
+
 def test_local_launch_runs_the_job_on_this_machine_without_a_cluster(tmp_path, mini_root, capsys):
     out = tmp_path / "run"
     job = launch.main(["--gin", "methods/pre.gin", "--smoke", "--out", str(out), "--local", "--wait"])
