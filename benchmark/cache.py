@@ -57,6 +57,7 @@ import torch
 from tqdm import tqdm
 
 from benchmark.episodes import BenchmarkData
+from benchmark.files import write_json
 from registry.dataset_spec import SPEC_FILENAME
 from registry.errors import DataError, exit_on_error
 
@@ -108,13 +109,6 @@ def _file_state(path):
     except FileNotFoundError:
         raise DataError(f"{path}: no such record file; the decoded cache is checked against its records") from None
     return {"bytes": state.st_size, "mtime_ns": state.st_mtime_ns}
-
-
-def _write_json(path, value):
-    """Write ``value`` to ``path`` atomically (via ``path.tmp``)."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(value, indent=1) + "\n")
-    os.replace(tmp, path)
 
 
 class DecodedCache:
@@ -316,7 +310,7 @@ def build_source(cache, records, workers=1):
             entries[str(c)] = entry
         else:
             todo[c] = entry
-    _write_json(directory / PARTIAL, {**header, "classes": entries})
+    write_json(directory / PARTIAL, {**header, "classes": entries})
     (directory / META).unlink(missing_ok=True)
     with contextlib.ExitStack() as stack:
         # The pool is forked before tqdm starts its monitor thread; one torch thread per process.
@@ -327,9 +321,9 @@ def build_source(cache, records, workers=1):
         job = partial(_build_class, records, directory)
         for c in map(job, todo) if pool is None else pool.imap_unordered(job, todo):
             entries[str(c)] = todo[c]
-            _write_json(directory / PARTIAL, {**header, "classes": entries})
+            write_json(directory / PARTIAL, {**header, "classes": entries})
             bar.update(todo[c]["records"])
-    _write_json(directory / META, {**header, "classes": {str(c): entries[str(c)] for c in range(spec.num_classes)}})
+    write_json(directory / META, {**header, "classes": {str(c): entries[str(c)] for c in range(spec.num_classes)}})
     (directory / PARTIAL).unlink()
     images = sum(e["records"] for e in entries.values())
     size = sum(directory.joinpath(f"{c}.npy").stat().st_size for c in range(spec.num_classes))

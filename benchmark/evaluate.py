@@ -19,7 +19,6 @@ For each (source, adapter):
 """
 
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -29,6 +28,7 @@ from tqdm import tqdm
 
 from benchmark import distributed
 from benchmark.episodes import episode_loader
+from benchmark.files import write_json
 from benchmark.results import mean_ci, row_key
 from methods.adapters import get_adapter, searches_lr, seeded_generator
 from methods.base import Task
@@ -116,9 +116,7 @@ def choose_lr(method, adapter_name, data, source, grid, search_episodes, device,
     basis = f"grid search on {basis}"
     if cache_file and distributed.is_main():
         cache[key] = {"lr": best_lr, "basis": basis, "accuracy_by_lr": scores}
-        tmp = Path(f"{cache_file}.tmp")
-        tmp.write_text(json.dumps(cache, indent=1, sort_keys=True))
-        os.replace(tmp, cache_file)
+        write_json(cache_file, cache, sort_keys=True)
     return distributed.gather_objects((best_lr, basis))[0]
 
 

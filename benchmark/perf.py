@@ -47,6 +47,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from benchmark.episodes import BenchmarkData, episode_loader
+from benchmark.files import write_json
 from benchmark.records import encode_example, write_records
 from registry.catalog import Benchmark, Source, get_benchmark
 from registry.dataset_spec import DatasetSpecification, Split, dump_dataset_spec
@@ -230,11 +231,8 @@ def _device_label(device):
 def _write_json(path, payload, quiet=False):
     """Write ``payload`` to ``path`` (if given) whole or not at all: a run stopped meanwhile keeps the last file."""
     if path:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        partial = path.with_name(f".{path.name}.partial")
-        partial.write_text(json.dumps(payload, indent=1, sort_keys=True))
-        os.replace(partial, path)
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        write_json(path, payload, sort_keys=True)
         if not quiet:
             print(f"wrote {path}")
 

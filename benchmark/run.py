@@ -34,6 +34,7 @@ from tqdm import tqdm
 import methods
 from benchmark import distributed
 from benchmark.episodes import BenchmarkData, episode_loader
+from benchmark.files import write_json
 from benchmark.config import RunConfig
 from benchmark.evaluate import evaluate
 from benchmark.pretrain import pretrained_weights
@@ -496,10 +497,7 @@ def write_report(job):
     """``RUN_DIR/method_report.json``: the method's summary of its learned state (experts, sparsity, λ)."""
     report = job.method.report()
     if report:
-        path = job.directory / "method_report.json"
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text(json.dumps(report, indent=1, sort_keys=True))
-        os.replace(tmp, path)
+        write_json(job.directory / "method_report.json", report, sort_keys=True)
 
 
 def _print_summary(job, summary):

@@ -39,6 +39,7 @@ import sys
 import time
 from pathlib import Path
 
+from benchmark.files import write_json
 from registry.errors import DataError, exit_on_error
 from slurm.cluster import check_local_request, check_request, make_executor
 from slurm.launch import check_config, cluster_parser, parameters_from_args, run_argv, submit_jobs
@@ -187,9 +188,7 @@ def load(path):
 
 
 def save(path, manifest):
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(manifest, indent=1) + "\n")
-    os.replace(tmp, path)
+    write_json(path, manifest)
 
 
 # --- submission -----------------------------------------------------------------------------------------
