@@ -1,4 +1,4 @@
-"""Shared fixtures: paths into ``../shared/conformance`` (development reference data) and the project root."""
+"""Shared fixtures: paths into ``tests/data/shared`` (a snapshot of the reference data, see its README) and the project root."""
 
 import json
 from pathlib import Path
@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
-SHARED = PROJECT_ROOT.parent / "shared"
+SHARED = PROJECT_ROOT / "tests" / "data" / "shared"
 CONFORMANCE = SHARED / "conformance"
 SPECS = CONFORMANCE / "specs"
 SAMPLER = CONFORMANCE / "sampler"
@@ -14,7 +14,7 @@ SAMPLER = CONFORMANCE / "sampler"
 
 def _require(path):
     if not path.exists():
-        pytest.fail(f"{path} is missing: tests need the reference data in ../shared/ beside the project root")
+        pytest.fail(f"{path} is missing from the checkout: restore tests/data/ with git checkout")
     return path
 
 

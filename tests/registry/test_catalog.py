@@ -12,7 +12,7 @@ from registry.config import EpisodeDescriptionConfig
 from registry.dataset_spec import Split
 from registry.errors import DataError
 
-SPECS_DIR = Path(__file__).resolve().parents[3] / "shared" / "conformance" / "specs"
+SPECS_DIR = Path(__file__).resolve().parents[1] / "data" / "shared" / "conformance" / "specs"
 MD_ID = ["ilsvrc_2012", "omniglot", "aircraft", "cu_birds", "dtd", "quickdraw", "fungi", "vgg_flower"]
 MD_OOD = ["traffic_sign", "mscoco", "cifar10", "cifar100", "mnist", "sketch", "pet", "clipart", "food", "cars"]
 

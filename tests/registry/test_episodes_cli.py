@@ -13,7 +13,7 @@ from registry.episodes import build_parser, config_from_args
 from registry.sampling import EpisodeDescriptionSampler
 
 ROOT = Path(__file__).resolve().parents[2]
-SHARED_PARENT = ROOT.parent
+SHARED_PARENT = ROOT / "tests" / "data"  # the directory holding the snapshot of shared/
 SAMPLER_DIR = SHARED_PARENT / "shared" / "conformance" / "sampler"
 MANIFEST = json.loads((SAMPLER_DIR / "manifest.json").read_text())
 

@@ -12,7 +12,7 @@ from registry.dataset_spec import Split, load_dataset_spec
 from registry.errors import DataError
 from registry.sampling import EpisodeDescriptionSampler, sample_num_support_per_class
 
-SHARED_PARENT = Path(__file__).resolve().parents[3]  # the directory holding shared/
+SHARED_PARENT = Path(__file__).resolve().parents[1] / "data"  # the directory holding the snapshot of shared/
 SAMPLER_DIR = SHARED_PARENT / "shared" / "conformance" / "sampler"
 SPECS_DIR = SHARED_PARENT / "shared" / "conformance" / "specs"
 MANIFEST = json.loads((SAMPLER_DIR / "manifest.json").read_text())
