@@ -797,9 +797,31 @@ def render_readme(products, results, merge_runs=False):
 GENERATED = ".generated"  # in ``--out``: the files the last generation wrote; the next removes those it does not write
 
 
+def is_product_name(name):
+    """Whether ``name`` is a file name the leaderboard writes: a plain ``*.md`` / ``*.png`` name, not hidden."""
+    return Path(name).name == name and not name.startswith(".") and Path(name).suffix in (".md", ".png")
+
+
+def previous_products(manifest):
+    """The file names ``manifest`` (``OUT/.generated``) lists; none when it is missing.
+
+    Raises:
+        DataError: naming ``manifest:line`` for a line that is not `is_product_name` (a path, ``..``, an
+            absolute or hidden name): the leaderboard only ever removes files it wrote into ``--out``.
+    """
+    names = manifest.read_text().splitlines() if manifest.exists() else []
+    for number, name in enumerate(names, 1):
+        if name and not is_product_name(name):
+            raise DataError(f"{manifest}:{number}: {name!r} is not a file the leaderboard writes (a plain *.md or "
+                            f"*.png name in {manifest.parent}), so it is not removed; nothing was written: delete "
+                            "that line (or the whole file) and run again")
+    return set(names) - {""}
+
+
 def write_results(run_dirs, out, merge_runs=False):
     """Read ``run_dirs``, write every table, figure and the index into ``out`` (removing those an earlier
-    generation wrote that this one does not; other files in ``out`` are left alone); return the paths written."""
+    generation wrote that this one does not, `previous_products`; other files in ``out`` are left alone);
+    return the paths written."""
     from benchmark.figures import render_figures  # the figure stage builds on this module's readers
 
     results = load_results(run_dirs)
@@ -808,7 +830,7 @@ def write_results(run_dirs, out, merge_runs=False):
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     manifest = out / GENERATED
-    previous = set(manifest.read_text().splitlines()) if manifest.exists() else set()
+    previous = previous_products(manifest)
     names = [product.filename for product in products if product.content is not None]
     for product in products:
         if product.content is not None:

@@ -370,6 +370,27 @@ def test_regeneration_removes_what_it_no_longer_writes_and_nothing_else(tmp_path
     assert any(name.endswith(".png") for name in first - second)  # SMAT's figures are gone
 
 
+@pytest.mark.parametrize("entry", ["../victim.md", "{victim}", "sub/../../victim.md", ".hidden.md", "notes.txt"],
+                         ids=["parent", "absolute", "nested", "hidden", "not_a_product"])
+def test_only_files_the_leaderboard_wrote_into_out_are_ever_removed(tmp_path, capsys, entry):
+    """A ``.generated`` line naming anything but a plain ``*.md``/``*.png`` name of ``--out`` is refused with
+    ``.generated:line``, exit 2, before anything is written or removed."""
+    run = write_run(tmp_path / "run", run_rows(episodes=2))
+    out = leaderboard(tmp_path, run)
+    for path in (tmp_path / "victim.md", out / "sub" / "victim.md", out / ".hidden.md", out / "notes.txt"):
+        path.parent.mkdir(exist_ok=True)
+        path.write_text("the user's own file")
+    with open(out / ".generated", "a") as f:
+        f.write(entry.format(victim=tmp_path / "victim.md") + "\n")
+    before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file() and run not in p.parents}
+    with pytest.raises(SystemExit) as exit_info:
+        main([str(run), "--out", str(out)])
+    err = capsys.readouterr().err.strip()
+    lines = (out / ".generated").read_text().splitlines()
+    assert exit_info.value.code == 2 and len(err.splitlines()) == 1 and f".generated:{len(lines)}:" in err
+    assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file() and run not in p.parents} == before
+
+
 def test_figures_are_drawn_when_runs_hold_their_inputs(tmp_path, capsys):
     out = leaderboard(tmp_path, *figure_runs(tmp_path))
     printed = capsys.readouterr().out.split()
