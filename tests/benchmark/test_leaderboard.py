@@ -450,16 +450,52 @@ def test_missing_directory_exits_2_with_one_line_naming_it(tmp_path, capsys):
     assert exit_info.value.code == 2 and len(err.strip().splitlines()) == 1 and "nowhere" in err
 
 
-@pytest.mark.parametrize("bad", [{"run_id": "x", "accuracy": 0.5}, make_row(seed=None), make_row(accuracy="0.5")],
-                         ids=["missing_keys", "null_seed", "text_accuracy"])
-def test_corrupt_row_exits_2_naming_the_file_and_line(tmp_path, capsys, bad):
+BAD_ROWS = {  # id → (a row appended to a good run's 12 rows, what its error line says)
+    "missing_keys": ({"run_id": "x", "accuracy": 0.5}, "lacks"),
+    "null_seed": (make_row(seed=None), "seed = None"),
+    "text_accuracy": (make_row(accuracy="0.5"), "accuracy = '0.5'"),
+    "nan_accuracy": (make_row(episode=5, accuracy=math.nan), "accuracy = nan"),
+    "inf_accuracy": (make_row(episode=5, accuracy=math.inf), "accuracy = inf"),
+    "accuracy_above_1": (make_row(episode=5, accuracy=1.7), "accuracy = 1.7"),
+    "negative_accuracy": (make_row(episode=5, accuracy=-0.5), "accuracy = -0.5"),
+    "negative_seconds": (make_row(episode=5, seconds=-0.1), "seconds = -0.1"),
+    "nan_seconds": (make_row(episode=5, seconds=math.nan), "seconds = nan"),
+    "negative_memory": (make_row(episode=5, peak_memory_mib=-1), "peak_memory_mib = -1"),
+    "valid_split": (make_row(split="valid"), "split 'valid'"),
+    "other_seed": (make_row(episode=5, seed=3), "seed 3"),
+    "episode_past_the_end": (make_row(episode=MINI.test_episodes), f"episode {MINI.test_episodes} is outside 0-19"),
+    "negative_episode": (make_row(episode=-1), "episode -1 is outside"),
+    "other_source": (make_row(source="mini_pretrain"), "'mini_pretrain' is not a test source"),
+    "unknown_benchmark": (make_row(benchmark="md_nope"), "md_nope"),
+}
+
+
+@pytest.mark.parametrize("bad, says", BAD_ROWS.values(), ids=BAD_ROWS.keys())
+def test_bad_row_exits_2_naming_the_file_and_line_before_anything_is_written(tmp_path, capsys, bad, says):
     run = write_run(tmp_path / "run", run_rows(episodes=2))
+    out = leaderboard(tmp_path, run)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
     with open(run / "episodes.jsonl", "a") as f:
         f.write(json.dumps(bad) + "\n")
     with pytest.raises(SystemExit) as exit_info:
-        main([str(run), "--out", str(tmp_path / "out")])
+        main([str(run), "--out", str(out)])
     err = capsys.readouterr().err.strip()
-    assert exit_info.value.code == 2 and len(err.splitlines()) == 1 and f"episodes.jsonl:{6 * 2 + 1}:" in err
+    assert exit_info.value.code == 2 and len(err.splitlines()) == 1 and f"episodes.jsonl:{6 * 2 + 1}: " in err
+    assert says in err
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+
+def test_episode_range_is_the_runs_test_episodes(tmp_path, capsys):
+    """A run bound to ``run.test_episodes = N`` (its config.gin) has episodes 0 .. N − 1, more than the benchmark's."""
+    more = MINI.test_episodes + 5
+    longer = write_run(tmp_path / "longer", run_rows(episodes=more), config=f"run.test_episodes = {more}\n")
+    cells = table((leaderboard(tmp_path, longer) / MINI_TABLE).read_text())
+    assert numbers(cells["mini_shapes"]["SMAT"]) == pytest.approx(
+        expected(accuracies(run_rows(episodes=more), "mini_shapes")), abs=0.006)
+    default = write_run(tmp_path / "default", run_rows(episodes=more), config="run.test_episodes = None\n")
+    with pytest.raises(SystemExit):
+        main([str(default), "--out", str(tmp_path / "refused")])
+    assert f"episode {MINI.test_episodes} is outside 0-{MINI.test_episodes - 1}" in capsys.readouterr().err
 
 
 def test_runs_that_saw_other_images_in_one_episode_are_refused_before_anything_is_written(tmp_path, capsys):
