@@ -6,7 +6,7 @@ Reads every ``episodes.jsonl`` under the given directories (contract C3), ignore
 the same (run_id, adaptation, source, split, seed, episode) once, and refuses, naming ``file:line``, a
 row that is not one of its run's test episodes (the benchmark's test sources, split ``test``, its seed,
 indices below its ``test_episodes`` or the run's ``run.test_episodes``), an accuracy outside [0, 1], a
-negative or non-finite cost, and rows of one
+negative or non-finite cost, repeats of one episode of one run with other accuracies, and rows of one
 episode that saw other images (their ``episode_digest`` differ). It writes into ``--out``:
 
 - ``table1.md`` / ``table3.md``: per test source (benchmark order), then ``ID Avg`` and ``OOD Avg`` (and
@@ -300,10 +300,28 @@ def load_results(paths):
     frame = frame.astype({"seed": "int64", "episode": "int64", "accuracy": "float64", "seconds": "float64",
                           "peak_memory_mib": "float64"})
     check_same_episodes(frame)  # before repeated rows are dropped: a copy of a run may have seen other images
+    check_repeats(frame)
     unique = frame.drop_duplicates(subset=list(DEDUP_KEYS), keep="first").drop(columns="where").reset_index(drop=True)
     settings = {run_id: run_settings(directory) or f"run {run_id}" for run_id, directory in run_dirs.items()}
     unique["settings"] = unique["run_id"].map(settings)
     return Results(unique, run_dirs, smoke, len(frame) - len(unique))
+
+
+def check_repeats(rows):
+    """Rows repeating one episode of one run (`DEDUP_KEYS`, e.g. a copied run directory) agree on its
+    accuracy, so counting the first is counting them all; otherwise a `DataError` names the first
+    such row's place and a disagreeing one's (``where``: ``path:line``)."""
+    keys = list(DEDUP_KEYS)
+    differ = rows.groupby(keys, sort=False, dropna=False)["accuracy"].transform("nunique") > 1
+    if not differ.any():
+        return
+    first = rows[differ].iloc[0]
+    same = rows[differ & (rows[keys] == first[keys]).all(axis=1)]
+    other = same[same["accuracy"] != first["accuracy"]].iloc[0]
+    episode = ", ".join(f"{key} {first[key]}" for key in keys)
+    raise DataError(f"{first['where']} and {other['where']}: two rows of one episode ({episode}) with accuracy "
+                    f"{first['accuracy']:g} and {other['accuracy']:g}; remove the wrong one (or leave one copy of "
+                    "the run out)")
 
 
 def check_same_episodes(rows):

@@ -498,6 +498,24 @@ def test_episode_range_is_the_runs_test_episodes(tmp_path, capsys):
     assert f"episode {MINI.test_episodes} is outside 0-{MINI.test_episodes - 1}" in capsys.readouterr().err
 
 
+def test_repeats_of_an_episode_with_other_accuracies_are_refused_naming_both_places(tmp_path, capsys):
+    """Identical repeats are counted once (above); a repeat that disagrees is an error naming both rows."""
+    rows = run_rows(episodes=2)
+    first = write_run(tmp_path / "a" / "run", rows)
+    copy = write_run(tmp_path / "b" / "run", [dict(r, accuracy=0.125) if i == 7 else r for i, r in enumerate(rows)])
+    for runs in ([first, copy], [copy, first]):  # either order: the first no longer wins silently
+        with pytest.raises(SystemExit) as exit_info:
+            main([*map(str, runs), "--out", str(tmp_path / "out")])
+        err = capsys.readouterr().err.strip()
+        assert exit_info.value.code == 2 and len(err.splitlines()) == 1
+        assert f"{first / 'episodes.jsonl'}:8 and {copy / 'episodes.jsonl'}:8:" in err and "0.125" in err
+    assert not (tmp_path / "out").exists()
+    within = write_run(tmp_path / "c" / "run", rows + [dict(rows[0], accuracy=0.125)])
+    with pytest.raises(SystemExit):
+        main([str(within), "--out", str(tmp_path / "out")])
+    assert f"episodes.jsonl:1 and {within / 'episodes.jsonl'}:13:" in capsys.readouterr().err
+
+
 def test_runs_that_saw_other_images_in_one_episode_are_refused_before_anything_is_written(tmp_path, capsys):
     """Rows of one episode identity with two ``episode_digest`` values (e.g. records converted twice) are not
     comparable: one line naming the episode, both digests and their runs, exit 2, ``--out`` untouched.
