@@ -254,6 +254,32 @@ def test_table2_marks_the_component_switches_of_each_variant(tmp_path):
     assert list(rows) == ["SMAT", "SMAT (no_dense_teacher)", "SMAT (no_meta_split)", "SMAT (mlp_experts)", "PMF"]
 
 
+def test_every_series_id_and_ood_averages_appear_in_some_table(tmp_path):
+    """SMAT with each of the five adapters (two runs of gradient_free): every (run, adapter) column has its
+    ID Avg and OOD Avg somewhere, even those Tables 1 and 3 do not hold (gradient_free, full_joint)."""
+    series = {}  # column label → its rows
+    for run, adapters in (("aaaa", ("protonet", "full", "lora", "gradient_free", "full_joint")),
+                          ("bbbb", ("gradient_free",))):
+        for adaptation in adapters:
+            series[(run, adaptation)] = run_rows(bench=PAPER, episodes=2, backbone=DINO, adaptation=adaptation,
+                                                 run_id=f"smat-default-md_paper-{run}")
+    dirs = [write_run(tmp_path / run, [r for (k, _), rows in series.items() if k == run for r in rows])
+            for run in ("aaaa", "bbbb")]
+    out = leaderboard(tmp_path, *dirs)
+    tables = [table(path.read_text()) for path in sorted(out.glob("*.md")) if "| ID Avg" in path.read_text()]
+    suffix = {"protonet": "", "full": "+full", "lora": "+LoRA", "gradient_free": "+gradient-free",
+              "full_joint": "+full-joint"}
+    for (run, adaptation), rows in series.items():
+        label = f"SMAT{suffix[adaptation]}" + (f" [{run}]" if adaptation == "gradient_free" else "")
+        found = [(cells["ID Avg"][label], cells["OOD Avg"][label]) for cells in tables
+                 if "ID Avg" in cells and label in cells["ID Avg"]]
+        assert found, f"{label}: no table shows its ID Avg and OOD Avg"
+        for role, cell in zip(("id", "ood"), found[0]):
+            means = [statistics.fmean(accuracies(rows, s.name)) for s in PAPER.test_sources if s.role == role]
+            assert numbers(cell)[0] == pytest.approx(100 * statistics.fmean(means), abs=0.006), (label, role)
+    assert "full-joint" not in (out / "table1.md").read_text()  # the paper's tables keep the paper's columns
+
+
 def test_table4_rows_are_the_sources_with_gradient_free_and_table5_reports_cost(tmp_path):
     base = dict(bench=PAPER, episodes=3, backbone=DINO, run_id="smat-default-md_paper-aaaa")
     protonet = run_rows(**base, seconds=0.5, peak_memory_mib=100.0, device="NVIDIA H100 80GB HBM3")
@@ -486,7 +512,8 @@ def test_bad_row_exits_2_naming_the_file_and_line_before_anything_is_written(tmp
 
 
 def test_episode_range_is_the_runs_test_episodes(tmp_path, capsys):
-    """A run bound to ``run.test_episodes = N`` (its config.gin) has episodes 0 .. N − 1, more than the benchmark's."""
+    """A run bound to ``run.test_episodes = N`` (its config.gin) has episodes 0 .. N − 1, even beyond the
+    benchmark's count."""
     more = MINI.test_episodes + 5
     longer = write_run(tmp_path / "longer", run_rows(episodes=more), config=f"run.test_episodes = {more}\n")
     cells = table((leaderboard(tmp_path, longer) / MINI_TABLE).read_text())
