@@ -18,7 +18,6 @@ uses matplotlib's default style whatever the user's matplotlibrc, a fixed size a
 skipped with a note in the index, never drawn from nothing.
 """
 
-import ast
 import io
 import json
 import re
@@ -30,10 +29,11 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from scipy.cluster import hierarchy
 
-from benchmark.leaderboard import EPISODE_KEYS, Product, benchmark_sources, safe_name, short_run_ids, skipped
+from benchmark.leaderboard import (EPISODE_KEYS, Product, benchmark_sources, gin_value, safe_name, short_run_ids,
+                                   skipped)
 from registry.errors import DataError
 
-__all__ = ["render_figures", "gin_value", "density_by", "layer_type", "block_depth", "mean_routing_weights"]
+__all__ = ["render_figures", "density_by", "layer_type", "block_depth", "mean_routing_weights"]
 
 DPI = 100
 LAYER_TYPES = (  # (label, test on a timm ViT parameter name), in plot order
@@ -50,15 +50,6 @@ MARKERS = "osD^vP*Xph"
 
 
 # --- inputs --------------------------------------------------------------------------------------------
-
-
-def gin_value(text, name):
-    """The value of the last ``name = value`` binding in an operative gin config, or None."""
-    found = re.findall(rf"^{re.escape(name)}\s*=\s*(.+?)\s*$", text, flags=re.MULTILINE)
-    try:
-        return ast.literal_eval(found[-1]) if found else None
-    except (ValueError, SyntaxError):
-        return None
 
 
 def read_report(path):

@@ -3,8 +3,11 @@
     python -m benchmark.leaderboard RUN_DIR [RUN_DIR ...] [--out results/] [--merge-runs]
 
 Reads every ``episodes.jsonl`` under the given directories (contract C3), ignores smoke rows, counts
-the same (run_id, adaptation, source, split, seed, episode) once, refuses rows of one episode that saw
-other images (their ``episode_digest`` differ), and writes into ``--out``:
+the same (run_id, adaptation, source, split, seed, episode) once, and refuses, naming ``file:line``, a
+row that is not one of its run's test episodes (the benchmark's test sources, split ``test``, its seed,
+indices below its ``test_episodes`` or the run's ``run.test_episodes``), an accuracy outside [0, 1], a
+negative or non-finite cost, repeats of one episode of one run with other accuracies, and rows of one
+episode that saw other images (their ``episode_digest`` differ). It writes into ``--out``:
 
 - ``table1.md`` / ``table3.md``: per test source (benchmark order), then ``ID Avg`` and ``OOD Avg`` (and
   Table 3's ``OOD Avg, the paper's 5 sources``, beside which its published OOD average stands); one
@@ -12,8 +15,10 @@ other images (their ``episode_digest`` differ), and writes into ``--out``:
 - ``table2.md``: SMAT's variants and PMF (ProtoNet): ID Avg, OOD Avg, Avg and the MLS/Meta/DT/IE switches;
 - ``table4.md``: SMAT with each adapter on the sources where gradient-free or full-joint ran;
 - ``table5.md``: SMAT's cost per adapter (seconds per task, peak GPU MiB, accuracy, device);
-- ``{benchmark}__{backbone}.md``: every other configuration (another method, variant, benchmark or
-  backbone) in the Table 1 format, so that new runs appear without code changes;
+- ``{benchmark}__{backbone}.md``: every configuration Tables 1 and 3 do not hold (another method,
+  variant, adapter, benchmark or backbone) in the Table 1 format, so that new runs appear without code
+  changes and every column has its ID Avg and OOD Avg in some table (SMAT+gradient-free/full-joint,
+  in Table 4 on its few sources, also here);
 - ``paired.md``: SMAT minus each baseline on the episodes both evaluated;
 - figures (`benchmark.figures`) and ``README.md``, the index: what each file holds and which runs
   made it, and what was skipped for lack of rows.
@@ -35,6 +40,7 @@ files.
 """
 
 import argparse
+import ast
 import hashlib
 import json
 import math
@@ -135,11 +141,11 @@ def find_episode_files(paths):
 
 
 def read_rows(path):
-    """The rows of one ``episodes.jsonl``; an unfinished last line (a write in flight) is left out.
+    """[(line number, row)] of one ``episodes.jsonl``; an unfinished last line (a write in flight) is left out.
 
     Raises:
-        DataError: naming ``path:line`` for an unreadable file, a line that is not a JSON object, or a
-            row without a contract-C3 key.
+        DataError: naming ``path:line`` for an unreadable file, a line that is not a JSON object, a
+            row without a contract-C3 key, or one whose numbers are not what they measure (`number_problems`).
     """
     try:
         lines = Path(path).read_text().split("\n")
@@ -160,8 +166,23 @@ def read_rows(path):
                  if isinstance(row[key], bool) or not isinstance(row[key], kind)]
         if wrong:
             raise DataError(f"{path}:{number}: {', '.join(wrong)}: not the number a result row holds (contract C3)")
-        rows.append(row)
+        problems = number_problems(row)
+        if problems:
+            raise DataError(f"{path}:{number}: {'; '.join(problems)} (contract C3): the row is corrupt; remove it "
+                            "and evaluate that episode again (python -m benchmark.run on its run directory resumes)")
+        rows.append((number, row))
     return rows
+
+
+def number_problems(row):
+    """What is wrong with a typed row's measurements: accuracy outside [0, 1] (NaN and ±inf included),
+    seconds or peak memory negative or not finite."""
+    problems = []
+    if not 0 <= row["accuracy"] <= 1:
+        problems.append(f"accuracy = {row['accuracy']!r} is not in [0, 1]")
+    problems += [f"{key} = {row[key]!r} is not a finite number >= 0" for key in ("seconds", "peak_memory_mib")
+                 if row[key] is not None and not 0 <= row[key] < math.inf]
+    return problems
 
 
 @cache
@@ -171,16 +192,59 @@ def benchmark_sources(name):
     return tuple((s.name, s.role) for s in bench.test_sources), bench.test_episodes
 
 
+def gin_value(text, name):
+    """The value of the last ``name = value`` binding in an operative gin config, or None."""
+    found = re.findall(rf"^{re.escape(name)}\s*=\s*(.+?)\s*$", text, flags=re.MULTILINE)
+    try:
+        return ast.literal_eval(found[-1]) if found else None
+    except (ValueError, SyntaxError):
+        return None
+
+
+def declared_episodes(run_dir, bench):
+    """How many test episodes per source the run in ``run_dir`` evaluates: its ``run.test_episodes``
+    (``config.gin``) where bound to a number, else benchmark ``bench``'s ``test_episodes``."""
+    path = Path(run_dir) / "config.gin"
+    bound = gin_value(path.read_text(), "run.test_episodes") if path.is_file() else None
+    return bound if isinstance(bound, int) and not isinstance(bound, bool) else bench.test_episodes
+
+
+def row_problem(row, bench, n):
+    """Why ``row`` is not one of the test episodes its run evaluates on `Benchmark` ``bench``, or None.
+
+    Those episodes (`benchmark.evaluate`) are the benchmark's test sources, split ``test``, the
+    benchmark's seed and indices 0 .. ``n`` − 1 (`declared_episodes`): any other row is not an episode
+    that every method is compared on.
+    """
+    sources = {s for s, _ in benchmark_sources(bench.name)[0]}
+    where = f"registry/benchmarks.toml [{bench.name}]"
+    if row["source"] not in sources:
+        return f"source {row['source']!r} is not a test source of benchmark {bench.name!r} ({where})"
+    if row["split"] != "test":
+        return f"split {row['split']!r}: the leaderboard reads test episodes only, split 'test'"
+    if row["seed"] != bench.seed:
+        return f"seed {row['seed']}: the test episodes of {bench.name!r} have seed {bench.seed} ({where})"
+    if not 0 <= row["episode"] < n:
+        return (f"episode {row['episode']} is outside 0-{n - 1}, the test episodes of this run ({where} "
+                "test_episodes, or run.test_episodes in its config.gin)")
+    return None
+
+
 def check_rows(path, rows):
-    """Each row's benchmark is registered and its source is one of the benchmark's test sources."""
-    for bench in sorted({r["benchmark"] for r in rows}):
-        try:
-            sources = {s for s, _ in benchmark_sources(bench)[0]}
-        except DataError as err:
-            raise DataError(f"{path}: {err}") from None
-        stray = sorted({r["source"] for r in rows if r["benchmark"] == bench} - sources)
-        if stray:
-            raise DataError(f"{path}: source(s) {', '.join(stray)} are not test sources of benchmark {bench!r}")
+    """Each of the numbered ``rows`` of ``path`` (`read_rows`) is a test episode its run evaluates: a
+    registered benchmark (`get_benchmark`), then `row_problem`; else a `DataError` naming ``path:line``."""
+    benchmarks = {}  # name → (Benchmark, the run's test episodes per source)
+    for number, row in rows:
+        if row["benchmark"] not in benchmarks:
+            try:
+                bench = get_benchmark(row["benchmark"])
+            except DataError as err:
+                raise DataError(f"{path}:{number}: {err}") from None
+            benchmarks[bench.name] = bench, declared_episodes(path.parent, bench)
+        problem = row_problem(row, *benchmarks[row["benchmark"]])
+        if problem:
+            raise DataError(f"{path}:{number}: {problem}; this row is not one of the episodes every method is "
+                            "compared on: remove it (or the run) from the leaderboard's input")
 
 
 @dataclass
@@ -228,21 +292,38 @@ def load_results(paths):
     kept, run_dirs, smoke = [], {}, 0
     for path in find_episode_files(paths):
         rows = read_rows(path)
-        fresh = [r for r in rows if not r.get("smoke", False)]
+        fresh = [(number, r) for number, r in rows if not r.get("smoke", False)]
         smoke += len(rows) - len(fresh)
         check_rows(path, fresh)
-        for row in fresh:
+        for number, row in fresh:
             run_dirs.setdefault(row["run_id"], path.parent)
-        kept += fresh
-    columns = [*ROW_KEYS, *OPTIONAL_KEYS]
-    frame = pd.DataFrame([{key: row.get(key) for key in columns} for row in kept], columns=columns)
+            kept.append({**{key: row.get(key) for key in (*ROW_KEYS, *OPTIONAL_KEYS)}, "where": f"{path}:{number}"})
+    frame = pd.DataFrame(kept, columns=[*ROW_KEYS, *OPTIONAL_KEYS, "where"])
     frame = frame.astype({"seed": "int64", "episode": "int64", "accuracy": "float64", "seconds": "float64",
                           "peak_memory_mib": "float64"})
     check_same_episodes(frame)  # before repeated rows are dropped: a copy of a run may have seen other images
-    unique = frame.drop_duplicates(subset=list(DEDUP_KEYS), keep="first").reset_index(drop=True)
+    check_repeats(frame)
+    unique = frame.drop_duplicates(subset=list(DEDUP_KEYS), keep="first").drop(columns="where").reset_index(drop=True)
     settings = {run_id: run_settings(directory) or f"run {run_id}" for run_id, directory in run_dirs.items()}
     unique["settings"] = unique["run_id"].map(settings)
     return Results(unique, run_dirs, smoke, len(frame) - len(unique))
+
+
+def check_repeats(rows):
+    """Rows repeating one episode of one run (`DEDUP_KEYS`, e.g. a copied run directory) agree on its
+    accuracy, so counting the first is counting them all; otherwise a `DataError` names the first
+    such row's place and a disagreeing one's (``where``: ``path:line``)."""
+    keys = list(DEDUP_KEYS)
+    differ = rows.groupby(keys, sort=False, dropna=False)["accuracy"].transform("nunique") > 1
+    if not differ.any():
+        return
+    first = rows[differ].iloc[0]
+    same = rows[differ & (rows[keys] == first[keys]).all(axis=1)]
+    other = same[same["accuracy"] != first["accuracy"]].iloc[0]
+    episode = ", ".join(f"{key} {first[key]}" for key in keys)
+    raise DataError(f"{first['where']} and {other['where']}: two rows of one episode ({episode}) with accuracy "
+                    f"{first['accuracy']:g} and {other['accuracy']:g}; remove the wrong one (or leave one copy of "
+                    "the run out)")
 
 
 def check_same_episodes(rows):
@@ -662,7 +743,8 @@ def safe_name(text):
 
 
 def other_tables(series, shown):
-    """One Table-1-style file per (benchmark, backbone) for the series no paper table shows per source."""
+    """One Table-1-style file per (benchmark, backbone) for the series not ``shown`` in Table 1 or 3, so that
+    every series has its ID Avg and OOD Avg in some table (Table 4's SMAT+gradient-free/full-joint too)."""
     rest = [s for s in series if s not in shown]
     products = []
     for (bench, backbone), same in groupby(sorted(rest, key=lambda s: (s.benchmark, s.backbone)),
@@ -738,8 +820,7 @@ def paired_table(series):
 def render_tables(results, merge_runs=False):
     """Every table `Product` (written or skipped), in index order."""
     series = results.series(merge_runs)
-    shown = [s for s in series if TABLE1.holds(s) or TABLE3.holds(s)]
-    shown += strategies(series)[0]
+    shown = [s for s in series if TABLE1.holds(s) or TABLE3.holds(s)]  # Table 4 has no ID Avg / OOD Avg rows
     return [paper_accuracy_table(TABLE1, series), ablation_table(series), paper_accuracy_table(TABLE3, series),
             strategies_table(series), cost_table(series), *other_tables(series, shown), paired_table(series)]
 
@@ -797,9 +878,31 @@ def render_readme(products, results, merge_runs=False):
 GENERATED = ".generated"  # in ``--out``: the files the last generation wrote; the next removes those it does not write
 
 
+def is_product_name(name):
+    """Whether ``name`` is a file name the leaderboard writes: a plain ``*.md`` / ``*.png`` name, not hidden."""
+    return Path(name).name == name and not name.startswith(".") and Path(name).suffix in (".md", ".png")
+
+
+def previous_products(manifest):
+    """The file names ``manifest`` (``OUT/.generated``) lists; none when it is missing.
+
+    Raises:
+        DataError: naming ``manifest:line`` for a line that is not `is_product_name` (a path, ``..``, an
+            absolute or hidden name): the leaderboard only ever removes files it wrote into ``--out``.
+    """
+    names = manifest.read_text().splitlines() if manifest.exists() else []
+    for number, name in enumerate(names, 1):
+        if name and not is_product_name(name):
+            raise DataError(f"{manifest}:{number}: {name!r} is not a file the leaderboard writes (a plain *.md or "
+                            f"*.png name in {manifest.parent}), so it is not removed; nothing was written: delete "
+                            "that line (or the whole file) and run again")
+    return set(names) - {""}
+
+
 def write_results(run_dirs, out, merge_runs=False):
     """Read ``run_dirs``, write every table, figure and the index into ``out`` (removing those an earlier
-    generation wrote that this one does not; other files in ``out`` are left alone); return the paths written."""
+    generation wrote that this one does not, `previous_products`; other files in ``out`` are left alone);
+    return the paths written."""
     from benchmark.figures import render_figures  # the figure stage builds on this module's readers
 
     results = load_results(run_dirs)
@@ -808,7 +911,7 @@ def write_results(run_dirs, out, merge_runs=False):
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     manifest = out / GENERATED
-    previous = set(manifest.read_text().splitlines()) if manifest.exists() else set()
+    previous = previous_products(manifest)
     names = [product.filename for product in products if product.content is not None]
     for product in products:
         if product.content is not None:

@@ -253,6 +253,32 @@ def test_table2_marks_the_component_switches_of_each_variant(tmp_path):
     assert list(rows) == ["SMAT", "SMAT (no_dense_teacher)", "SMAT (no_meta_split)", "SMAT (mlp_experts)", "PMF"]
 
 
+def test_every_series_id_and_ood_averages_appear_in_some_table(tmp_path):
+    """SMAT with each of the five adapters (two runs of gradient_free): every (run, adapter) column has its
+    ID Avg and OOD Avg somewhere, even those Tables 1 and 3 do not hold (gradient_free, full_joint)."""
+    series = {}  # column label → its rows
+    for run, adapters in (("aaaa", ("protonet", "full", "lora", "gradient_free", "full_joint")),
+                          ("bbbb", ("gradient_free",))):
+        for adaptation in adapters:
+            series[(run, adaptation)] = run_rows(bench=PAPER, episodes=2, backbone=DINO, adaptation=adaptation,
+                                                 run_id=f"smat-default-md_paper-{run}")
+    dirs = [write_run(tmp_path / run, [r for (k, _), rows in series.items() if k == run for r in rows])
+            for run in ("aaaa", "bbbb")]
+    out = leaderboard(tmp_path, *dirs)
+    tables = [table(path.read_text()) for path in sorted(out.glob("*.md")) if "| ID Avg" in path.read_text()]
+    suffix = {"protonet": "", "full": "+full", "lora": "+LoRA", "gradient_free": "+gradient-free",
+              "full_joint": "+full-joint"}
+    for (run, adaptation), rows in series.items():
+        label = f"SMAT{suffix[adaptation]}" + (f" [{run}]" if adaptation == "gradient_free" else "")
+        found = [(cells["ID Avg"][label], cells["OOD Avg"][label]) for cells in tables
+                 if "ID Avg" in cells and label in cells["ID Avg"]]
+        assert found, f"{label}: no table shows its ID Avg and OOD Avg"
+        for role, cell in zip(("id", "ood"), found[0]):
+            means = [statistics.fmean(accuracies(rows, s.name)) for s in PAPER.test_sources if s.role == role]
+            assert numbers(cell)[0] == pytest.approx(100 * statistics.fmean(means), abs=0.006), (label, role)
+    assert "full-joint" not in (out / "table1.md").read_text()  # the paper's tables keep the paper's columns
+
+
 def test_table4_rows_are_the_sources_with_gradient_free_and_table5_reports_cost(tmp_path):
     base = dict(bench=PAPER, episodes=3, backbone=DINO, run_id="smat-default-md_paper-aaaa")
     protonet = run_rows(**base, seconds=0.5, peak_memory_mib=100.0, device="NVIDIA H100 80GB HBM3")
@@ -369,6 +395,27 @@ def test_regeneration_removes_what_it_no_longer_writes_and_nothing_else(tmp_path
     assert any(name.endswith(".png") for name in first - second)  # SMAT's figures are gone
 
 
+@pytest.mark.parametrize("entry", ["../victim.md", "{victim}", "sub/../../victim.md", ".hidden.md", "notes.txt"],
+                         ids=["parent", "absolute", "nested", "hidden", "not_a_product"])
+def test_only_files_the_leaderboard_wrote_into_out_are_ever_removed(tmp_path, capsys, entry):
+    """A ``.generated`` line naming anything but a plain ``*.md``/``*.png`` name of ``--out`` is refused with
+    ``.generated:line``, exit 2, before anything is written or removed."""
+    run = write_run(tmp_path / "run", run_rows(episodes=2))
+    out = leaderboard(tmp_path, run)
+    for path in (tmp_path / "victim.md", out / "sub" / "victim.md", out / ".hidden.md", out / "notes.txt"):
+        path.parent.mkdir(exist_ok=True)
+        path.write_text("the user's own file")
+    with open(out / ".generated", "a") as f:
+        f.write(entry.format(victim=tmp_path / "victim.md") + "\n")
+    before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file() and run not in p.parents}
+    with pytest.raises(SystemExit) as exit_info:
+        main([str(run), "--out", str(out)])
+    err = capsys.readouterr().err.strip()
+    lines = (out / ".generated").read_text().splitlines()
+    assert exit_info.value.code == 2 and len(err.splitlines()) == 1 and f".generated:{len(lines)}:" in err
+    assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file() and run not in p.parents} == before
+
+
 def test_figures_are_drawn_when_runs_hold_their_inputs(tmp_path, capsys):
     out = leaderboard(tmp_path, *figure_runs(tmp_path))
     printed = capsys.readouterr().out.split()
@@ -428,16 +475,71 @@ def test_missing_directory_exits_2_with_one_line_naming_it(tmp_path, capsys):
     assert exit_info.value.code == 2 and len(err.strip().splitlines()) == 1 and "nowhere" in err
 
 
-@pytest.mark.parametrize("bad", [{"run_id": "x", "accuracy": 0.5}, make_row(seed=None), make_row(accuracy="0.5")],
-                         ids=["missing_keys", "null_seed", "text_accuracy"])
-def test_corrupt_row_exits_2_naming_the_file_and_line(tmp_path, capsys, bad):
+BAD_ROWS = {  # id → (a row appended to a good run's 12 rows, what its error line says)
+    "missing_keys": ({"run_id": "x", "accuracy": 0.5}, "lacks"),
+    "null_seed": (make_row(seed=None), "seed = None"),
+    "text_accuracy": (make_row(accuracy="0.5"), "accuracy = '0.5'"),
+    "nan_accuracy": (make_row(episode=5, accuracy=math.nan), "accuracy = nan"),
+    "inf_accuracy": (make_row(episode=5, accuracy=math.inf), "accuracy = inf"),
+    "accuracy_above_1": (make_row(episode=5, accuracy=1.7), "accuracy = 1.7"),
+    "negative_accuracy": (make_row(episode=5, accuracy=-0.5), "accuracy = -0.5"),
+    "negative_seconds": (make_row(episode=5, seconds=-0.1), "seconds = -0.1"),
+    "nan_seconds": (make_row(episode=5, seconds=math.nan), "seconds = nan"),
+    "negative_memory": (make_row(episode=5, peak_memory_mib=-1), "peak_memory_mib = -1"),
+    "valid_split": (make_row(split="valid"), "split 'valid'"),
+    "other_seed": (make_row(episode=5, seed=3), "seed 3"),
+    "episode_past_the_end": (make_row(episode=MINI.test_episodes), f"episode {MINI.test_episodes} is outside 0-19"),
+    "negative_episode": (make_row(episode=-1), "episode -1 is outside"),
+    "other_source": (make_row(source="mini_pretrain"), "'mini_pretrain' is not a test source"),
+    "unknown_benchmark": (make_row(benchmark="md_nope"), "md_nope"),
+}
+
+
+@pytest.mark.parametrize("bad, says", BAD_ROWS.values(), ids=BAD_ROWS.keys())
+def test_bad_row_exits_2_naming_the_file_and_line_before_anything_is_written(tmp_path, capsys, bad, says):
     run = write_run(tmp_path / "run", run_rows(episodes=2))
+    out = leaderboard(tmp_path, run)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
     with open(run / "episodes.jsonl", "a") as f:
         f.write(json.dumps(bad) + "\n")
     with pytest.raises(SystemExit) as exit_info:
-        main([str(run), "--out", str(tmp_path / "out")])
+        main([str(run), "--out", str(out)])
     err = capsys.readouterr().err.strip()
-    assert exit_info.value.code == 2 and len(err.splitlines()) == 1 and f"episodes.jsonl:{6 * 2 + 1}:" in err
+    assert exit_info.value.code == 2 and len(err.splitlines()) == 1 and f"episodes.jsonl:{6 * 2 + 1}: " in err
+    assert says in err
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+
+def test_episode_range_is_the_runs_test_episodes(tmp_path, capsys):
+    """A run bound to ``run.test_episodes = N`` (its config.gin) has episodes 0 .. N − 1, even beyond the
+    benchmark's count."""
+    more = MINI.test_episodes + 5
+    longer = write_run(tmp_path / "longer", run_rows(episodes=more), config=f"run.test_episodes = {more}\n")
+    cells = table((leaderboard(tmp_path, longer) / MINI_TABLE).read_text())
+    assert numbers(cells["mini_shapes"]["SMAT"]) == pytest.approx(
+        expected(accuracies(run_rows(episodes=more), "mini_shapes")), abs=0.006)
+    default = write_run(tmp_path / "default", run_rows(episodes=more), config="run.test_episodes = None\n")
+    with pytest.raises(SystemExit):
+        main([str(default), "--out", str(tmp_path / "refused")])
+    assert f"episode {MINI.test_episodes} is outside 0-{MINI.test_episodes - 1}" in capsys.readouterr().err
+
+
+def test_repeats_of_an_episode_with_other_accuracies_are_refused_naming_both_places(tmp_path, capsys):
+    """Identical repeats are counted once (above); a repeat that disagrees is an error naming both rows."""
+    rows = run_rows(episodes=2)
+    first = write_run(tmp_path / "a" / "run", rows)
+    copy = write_run(tmp_path / "b" / "run", [dict(r, accuracy=0.125) if i == 7 else r for i, r in enumerate(rows)])
+    for runs in ([first, copy], [copy, first]):  # either order: the first no longer wins silently
+        with pytest.raises(SystemExit) as exit_info:
+            main([*map(str, runs), "--out", str(tmp_path / "out")])
+        err = capsys.readouterr().err.strip()
+        assert exit_info.value.code == 2 and len(err.splitlines()) == 1
+        assert f"{first / 'episodes.jsonl'}:8 and {copy / 'episodes.jsonl'}:8:" in err and "0.125" in err
+    assert not (tmp_path / "out").exists()
+    within = write_run(tmp_path / "c" / "run", rows + [dict(rows[0], accuracy=0.125)])
+    with pytest.raises(SystemExit):
+        main([str(within), "--out", str(tmp_path / "out")])
+    assert f"episodes.jsonl:1 and {within / 'episodes.jsonl'}:13:" in capsys.readouterr().err
 
 
 def test_runs_that_saw_other_images_in_one_episode_are_refused_before_anything_is_written(tmp_path, capsys):
