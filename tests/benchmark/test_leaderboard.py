@@ -567,3 +567,19 @@ def test_runs_that_saw_other_images_in_one_episode_are_refused_before_anything_i
     with pytest.raises(SystemExit) as exit_info:  # a copy of one run that saw other images is not a repeat
         main([str(runs[0]), str(copy), "--out", str(out)])
     assert exit_info.value.code == 2 and "elsewhere in smat-default-md_mini-aaaa" in capsys.readouterr().err
+
+
+def test_the_index_quotes_the_script_that_made_the_runs(tmp_path, capsys):
+    run = write_run(tmp_path / "run", run_rows(episodes=2, run_id="smat-default-md_mini-aaaa"))
+    script = tmp_path / "regenerate.sh"
+    script.write_text("python -m benchmark.run --gin methods/smat.gin --out runs/smat\n")
+    out = tmp_path / "results"
+    main([str(run), "--out", str(out), "--commands", str(script)])
+    readme = (out / "README.md").read_text()
+    assert "## How these runs were made\n\n```bash\npython -m benchmark.run --gin methods/smat.gin --out runs/smat\n```" \
+        in readme
+    with pytest.raises(SystemExit) as exit_info:
+        main([str(run), "--out", str(tmp_path / "other"), "--commands", str(tmp_path / "missing.sh")])
+    err = capsys.readouterr().err.strip()
+    assert exit_info.value.code == 2 and "--commands" in err and "missing.sh" in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "other").exists()
