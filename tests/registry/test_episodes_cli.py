@@ -80,19 +80,30 @@ def _spec_with(tmp_path, source, edit):
     return tmp_path
 
 
-def _without(d, *path):
-    """``d`` with the entry at ``path`` (keys, the last one removed) taken out."""
-    *tables, key = path
-    table = d
+def _table(d, tables):
     for name in tables:
-        table = table[name]
-    del table[key]
+        d = d[name]
     return d
 
 
+def _without(d, *path):
+    """``d`` with the entry at ``path`` (keys, the last one removed) taken out."""
+    del _table(d, path[:-1])[path[-1]]
+    return d
+
+
+def _set(d, value, *path):
+    """``d`` with the entry at ``path`` (keys) set to ``value``."""
+    _table(d, path[:-1])[path[-1]] = value
+    return d
+
+
+def _first_test_leaf(d):
+    return sorted(n["wn_id"] for n in d["split_subgraphs"]["TEST"] if not n["children_ids"])[0]
+
+
 def _without_count_of_first_test_leaf(d):
-    test_leaves = sorted(n["wn_id"] for n in d["split_subgraphs"]["TEST"] if not n["children_ids"])
-    return _without(d, "images_per_class", "TEST", test_leaves[0])
+    return _without(d, "images_per_class", "TEST", _first_test_leaf(d))
 
 
 def _test_dag_edited(d, edit):
@@ -114,8 +125,17 @@ def _test_dag_edited(d, edit):
      "has a child n0 that is not a node of the TEST split"),
     ("ilsvrc_2012", lambda d: _test_dag_edited(d, lambda parent, child: child["children_ids"].append(parent["wn_id"])),
      "TEST sub-DAG has a cycle"),
+    ("aircraft", lambda d: _set(d, -5, "images_per_class", "90"),
+     "malformed DatasetSpecification (ValueError: images_per_class entry 90 is -5; a count cannot be negative)"),
+    ("aircraft", lambda d: _set(d, -1, "classes_per_split", "VALID"), "classes_per_split entry VALID is -1"),
+    ("omniglot", lambda d: _set(d, -2, "classes_per_superclass", "3"),
+     "malformed BiLevelDatasetSpecification (ValueError: classes_per_superclass entry 3 is -2"),
+    ("omniglot", lambda d: _set(d, -7, "images_per_class", "0"), "images_per_class entry 0 is -7"),
+    ("ilsvrc_2012", lambda d: _set(d, -3, "images_per_class", "TEST", _first_test_leaf(d)),
+     "malformed HierarchicalDatasetSpecification (ValueError: images_per_class.TEST entry n"),
 ], ids=["list", "class_list", "wrong_type", "bilevel_missing_superclass", "dag_missing_count", "dag_missing_name",
-        "dag_stray_child", "dag_cycle"])
+        "dag_stray_child", "dag_cycle", "negative_images", "negative_classes", "bilevel_negative_classes",
+        "bilevel_negative_images", "dag_negative_images"])
 def test_a_malformed_spec_is_one_error_naming_the_problem(tmp_path, source, edit, message):
     """Checked when the spec loads, whichever split is sampled (here train; the DAG faults are in other splits)."""
     result = run_cli("--spec", _spec_with(tmp_path, source, edit), "--split", "train", "--seed", 0, "--episodes", 1)
