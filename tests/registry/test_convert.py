@@ -8,7 +8,6 @@ record order: a pixel array or the image file).
 import hashlib
 import io
 import json
-import os
 import pickle
 import struct
 import subprocess
@@ -19,6 +18,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import scipy.io
+from conftest import planted_pickle
 from PIL import Image
 
 import registry.convert as convert_module
@@ -381,16 +381,6 @@ def test_unreadable_image_is_an_error_naming_the_file(workers, tmp_path):
     assert list((tmp_path / "records").iterdir()) == []
 
 
-class _Planted:
-    """Unpickled, it creates the directory ``marker``: what a planted pickle could do, harmlessly."""
-
-    def __init__(self, marker):
-        self.marker = str(marker)
-
-    def __reduce__(self):
-        return os.mkdir, (self.marker,)
-
-
 def test_cifar_md5s_are_the_published_ones_torchvision_lists():
     datasets = convert_module._torchvision_datasets()
     assert PUBLISHED_MD5S(datasets.CIFAR10) == {
@@ -406,7 +396,7 @@ def test_cifar_md5s_are_the_published_ones_torchvision_lists():
 def test_a_cifar_file_that_is_not_the_published_one_is_refused_before_it_is_unpickled(name, folder, file, tmp_path,
                                                                                        monkeypatch):
     raw, _, _ = WRITERS[name](tmp_path / "raw", _sizes(name))
-    (raw / folder / file).write_bytes(pickle.dumps(_Planted(tmp_path / "planted")))
+    (raw / folder / file).write_bytes(planted_pickle(tmp_path / "planted"))
     unpickled = []
     monkeypatch.setattr(pickle, "load", lambda *args, **kwargs: unpickled.append(args))
     with pytest.raises(DataError, match=rf"{folder}/{file}: MD5 \w+ is not the published {FAKE_MD5S[folder][file]}.*"
@@ -523,7 +513,7 @@ def test_cli_converts_and_prints_one_summary_line(tmp_path):
 def test_cli_refuses_a_cifar_copy_whose_md5s_are_not_the_published_ones(tmp_path):
     """In a fresh process (no test's MD5s): a fake copy is not the official one; one line, and nothing unpickled."""
     raw, _, _ = write_cifar10(tmp_path / "raw", _sizes("cifar10"))
-    (raw / "cifar-10-batches-py" / "test_batch").write_bytes(pickle.dumps(_Planted(tmp_path / "planted")))
+    (raw / "cifar-10-batches-py" / "test_batch").write_bytes(planted_pickle(tmp_path / "planted"))
     result = _cli("cifar10", "--raw", raw, "--out", tmp_path / "records")
     assert result.returncode == 2 and result.stdout == ""
     assert len(result.stderr.splitlines()) == 1, result.stderr
