@@ -7,10 +7,19 @@ the sampler draws that quantity per episode.
 
 import math
 from dataclasses import dataclass, fields
+from numbers import Integral
 
 from registry.errors import DataError
 
 __all__ = ["EpisodeDescriptionConfig"]
+
+# The smallest value of each count and size field (None, where a field allows it, stays "not fixed").
+_AT_LEAST = {
+    "num_ways": 1, "num_support": 1, "num_query": 1, "min_ways": 1, "max_ways_upper_bound": 1, "max_num_query": 1,
+    "max_support_set_size": 1, "max_support_size_contrib_per_class": 1, "min_examples_in_class": 0,
+    "episode_description_switch_frequency": 1,
+}
+_VARIABLE = ("num_ways", "num_support", "num_query")  # None = drawn per episode
 
 
 @dataclass(frozen=True)
@@ -39,6 +48,10 @@ class EpisodeDescriptionConfig:
         min_examples_in_class: classes with fewer images are never sampled.
         num_unique_descriptions: replay this many pre-drawn descriptions (pipeline option; only 0).
         episode_description_switch_frequency: reuse each description this many times (pipeline option).
+
+    Raises:
+        DataError: a count or size below its minimum (ways, shots, queries and sizes at least 1), a non-finite
+            log-weight, or fields that contradict each other; the message names the field and the fix.
     """
 
     num_ways: int | None = None
@@ -60,6 +73,16 @@ class EpisodeDescriptionConfig:
     episode_description_switch_frequency: int = 1
 
     def __post_init__(self):
+        for name, least in _AT_LEAST.items():
+            value = getattr(self, name)
+            if value is None or (name == "num_support" and not isinstance(value, int)):  # unset, or a range
+                continue
+            if not isinstance(value, Integral) or value < least:
+                unset = " or leave it unset (drawn per episode)" if name in _VARIABLE else ""
+                raise DataError(f"{name} is {value!r}; give an integer of at least {least}{unset}")
+        for name in ("min_log_weight", "max_log_weight"):
+            if not math.isfinite(getattr(self, name)):
+                raise DataError(f"{name} is {getattr(self, name)}; give a finite number (default ±ln 2 = ±0.693)")
         # The official sampler treats any non-int num_support as a (lo, hi) range; keep that
         # distinction explicit here so that a numpy integer or a list cannot change the meaning.
         support = self.num_support

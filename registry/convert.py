@@ -13,7 +13,8 @@ sketch and clipart. Splits and class ids:
 
 * mnist, cifar10, cifar100: every class in TEST, images from the official test set. Ids and names as
   the extended Meta-Dataset specs (CNAPs): mnist ``class_0``..``class_9``; CIFAR label names sorted
-  alphabetically.
+  alphabetically. CIFAR's files are pickles, which can run code when read: the test batch and the meta
+  file must have their published MD5s (torchvision's lists), or they are refused unread.
 * pet, food, cars: every class in TEST, images from the data set's test split, ids in torchvision's
   class order.
 * sketch, clipart: TRAIN/VALID/TEST classes from ``registry/data/domainnet_class_splits.json``
@@ -57,6 +58,7 @@ verified (CRC, labels, counts) and matches sources.toml
 
 import argparse
 import contextlib
+import hashlib
 import io
 import json
 import multiprocessing
@@ -187,22 +189,44 @@ def _test_only(class_names, labels, images):
     )
 
 
-def _existence_checked(cifar):
-    """``cifar`` reading the test batch and the meta file, checking that they exist, not their md5 sums.
+def _published_md5s(cifar):
+    """{file name: published MD5} of the files read from torchvision's CIFAR class ``cifar``: the test batch and
+    the meta file (torchvision's ``test_list`` and ``meta``)."""
+    return {**dict(cifar.test_list), cifar.meta["filename"]: cifar.meta["md5"]}
 
-    torchvision checks the official md5 sums even with ``download=False``; any well-formed copy
-    (re-packed, or fabricated by the tests) should convert. The train batches are not needed.
+
+def _verified(cifar, raw_dir):
+    """``cifar`` reading the test batch and the meta file, once their MD5s are checked to be the published ones.
+
+    Both are pickles, and unpickling runs whatever code a file holds: a file that is not the official one
+    is refused before anything opens it. The train batches are not needed.
+
+    Raises:
+        DataError: a file's MD5 is not the published one; says where to get the official archive.
+        OSError: a file is missing (`_read` reports it with the layout).
     """
+    folder = raw_dir / cifar.base_folder
+    md5s = _published_md5s(cifar)
+    for filename, md5 in md5s.items():
+        with open(folder / filename, "rb") as f:
+            found = hashlib.file_digest(f, "md5").hexdigest()
+        if found != md5:
+            raise DataError(
+                f"{folder / filename}: MD5 {found} is not the published {md5}, so it is not the official file; "
+                f"it is a pickle, which could run any code, so it is not read; re-download the official "
+                f"{cifar.url} (MD5 {cifar.tgz_md5}) and extract it into --raw"
+            )
     return type(
         cifar.__name__,
         (cifar,),
-        {"train_list": [], "test_list": [[f, None] for f, _ in cifar.test_list], "meta": {**cifar.meta, "md5": None}},
+        {"train_list": [], "test_list": [[f, md5s[f]] for f, _ in cifar.test_list],
+         "meta": {**cifar.meta, "md5": md5s[cifar.meta["filename"]]}},
     )
 
 
 def _read_cifar(cifar_name, raw_dir):
     """The test set of torchvision's ``cifar_name`` class; ids are the label names' alphabetical positions."""
-    cifar = _existence_checked(getattr(_torchvision_datasets(), cifar_name))
+    cifar = _verified(getattr(_torchvision_datasets(), cifar_name), raw_dir)
     dataset = cifar(raw_dir, train=False, download=False)
     names = sorted(dataset.classes)
     class_id = [names.index(n) for n in dataset.classes]  # torchvision label -> class id

@@ -73,9 +73,18 @@ def _str_keys(mapping):
     return {str(k): v for k, v in mapping.items()}
 
 
-def _split_counts(mapping):
+def _counts(mapping, table):
+    """``mapping`` with int values; a negative one raises `ValueError` naming the entry of ``table``."""
+    counts = {k: int(v) for k, v in mapping.items()}
+    for key, count in counts.items():
+        if count < 0:
+            raise ValueError(f"{table} entry {key} is {count}; a count cannot be negative")
+    return counts
+
+
+def _split_counts(mapping, table):
     """{"TRAIN": n, ...} -> {Split.TRAIN: n, ...} with every split present (absent means 0)."""
-    counts = {Split.parse(k): int(v) for k, v in mapping.items()}
+    counts = {Split.parse(k): v for k, v in _counts(mapping, table).items()}
     return {s: counts.get(s, 0) for s in Split}
 
 
@@ -140,8 +149,8 @@ class DatasetSpecification(_SpecBase):
     def from_dict(cls, d):
         return cls(
             name=d["name"],
-            classes_per_split=_split_counts(d["classes_per_split"]),
-            images_per_class={int(k): int(v) for k, v in d["images_per_class"].items()},
+            classes_per_split=_split_counts(d["classes_per_split"], "classes_per_split"),
+            images_per_class=_int_keys(_counts(d["images_per_class"], "images_per_class")),
             class_names=_int_keys(d["class_names"]),
             path=d.get("path", ""),
             file_pattern=d.get("file_pattern", "{}.tfrecords"),
@@ -191,9 +200,9 @@ class BiLevelDatasetSpecification(_SpecBase):
     def from_dict(cls, d):
         return cls(
             name=d["name"],
-            superclasses_per_split=_split_counts(d["superclasses_per_split"]),
-            classes_per_superclass={int(k): int(v) for k, v in d["classes_per_superclass"].items()},
-            images_per_class={int(k): int(v) for k, v in d["images_per_class"].items()},
+            superclasses_per_split=_split_counts(d["superclasses_per_split"], "superclasses_per_split"),
+            classes_per_superclass=_int_keys(_counts(d["classes_per_superclass"], "classes_per_superclass")),
+            images_per_class=_int_keys(_counts(d["images_per_class"], "images_per_class")),
             superclass_names=_int_keys(d["superclass_names"]),
             class_names=_int_keys(d["class_names"]),
             path=d.get("path", ""),
@@ -311,7 +320,7 @@ class HierarchicalDatasetSpecification(_SpecBase):
             name=d["name"],
             split_subgraphs={Split.parse(k): v for k, v in d["split_subgraphs"].items()},
             images_per_class_by_wn_id={
-                Split.parse(k): {wn: int(n) for wn, n in v.items()} for k, v in d["images_per_class"].items()
+                Split.parse(k): _counts(v, f"images_per_class.{k}") for k, v in d["images_per_class"].items()
             },
             class_names=_int_keys(d["class_names"]),
             path=d.get("path", ""),
@@ -363,7 +372,7 @@ def load_dataset_spec(path):
     ``path`` in the returned spec is the directory the file was read from.
 
     Raises:
-        DataError: the file is missing, not JSON, or not a dataset spec.
+        DataError: the file is missing, not JSON, or not a dataset spec (a missing table or entry, a negative count).
     """
     path = Path(path)
     file = path if path.suffix == ".json" else path / SPEC_FILENAME

@@ -16,11 +16,12 @@ Example:
 import argparse
 import dataclasses
 import json
+import os
 import sys
 
 from registry.config import EpisodeDescriptionConfig
 from registry.dataset_spec import load_dataset_spec
-from registry.errors import exit_on_error
+from registry.errors import DataError, exit_on_error
 from registry.sampling import EpisodeDescriptionSampler
 
 PROG = "python -m registry.episodes"
@@ -70,13 +71,24 @@ def build_parser():
 
 
 def main(argv=None):
+    """The CLI. A reader that stops early (``| head``) ends it quietly with status 1, as Python's docs on
+    SIGPIPE advise: stdout goes to devnull so that the interpreter's last flush does not fail too."""
     args = build_parser().parse_args(argv)
-    with exit_on_error(PROG):
-        spec = load_dataset_spec(args.spec)
-        sampler = EpisodeDescriptionSampler.from_seed(spec, args.split, config_from_args(args), args.seed)
-        for _ in range(args.episodes):
-            description = sampler.sample_episode_description()
-            sys.stdout.write(json.dumps([list(t) for t in description], separators=(",", ":")) + "\n")
+    try:
+        with exit_on_error(PROG):
+            if args.episodes < 1:
+                raise DataError(f"--episodes is {args.episodes}; give the number of descriptions to print (at least 1)")
+            if not 0 <= args.seed < 2**32:
+                raise DataError(f"--seed is {args.seed}; give an integer from 0 to 2**32 - 1 (a RandomState seed)")
+            spec = load_dataset_spec(args.spec)
+            sampler = EpisodeDescriptionSampler.from_seed(spec, args.split, config_from_args(args), args.seed)
+            for _ in range(args.episodes):
+                description = sampler.sample_episode_description()
+                sys.stdout.write(json.dumps([list(t) for t in description], separators=(",", ":")) + "\n")
+            sys.stdout.flush()
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        raise SystemExit(1) from None
 
 
 if __name__ == "__main__":

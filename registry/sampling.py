@@ -48,7 +48,12 @@ def sample_num_ways_uniformly(num_classes, min_ways, max_ways, *, rng):
 
     - no smaller than ``min_ways``;
     - no greater than ``max_ways`` nor the number of classes available.
+
+    Raises:
+        ValueError: ``max_ways`` is below ``min_ways`` (numpy's own "low >= high" would not say which setting).
     """
+    if max_ways < min_ways:
+        raise ValueError(f"max_ways_upper_bound={max_ways} is below min_ways={min_ways}; raise one or lower the other.")
     max_ways = min(max_ways, num_classes)
     return rng.randint(low=min_ways, high=max_ways + 1)
 

@@ -22,6 +22,10 @@ directory, in the directory the sweep was submitted from, so relative paths keep
 update the manifest under ``SWEEP_DIR/.sweep.lock``, so two at once never undo each other's changes;
 ``--wait`` blocks with a progress bar until every job ended, prints the summary and exits 1 when a
 point failed. ``--local`` runs the points on this machine, K at a time (default 1), and waits.
+
+A manifest is checked before anything is read: it must have the shape ``submit`` writes, and, since job
+results are pickles (loading one runs its code), its ``sweep_dir`` must be the directory holding it and
+its submitit folder and run directories must lie inside; else one line names the key, exit status 2.
 """
 
 import argparse
@@ -176,14 +180,77 @@ def _locked(path):
         yield  # closing the file releases the lock
 
 
+# What --status, --wait and --resubmit-failed use of a manifest, and its JSON types (older manifests lack workdir).
+_MANIFEST_TYPES = {"sweep_dir": (str,), "cluster": (str,), "folder": (str,), "parameters": (dict,), "points": (list,)}
+_POINT_TYPES = {"name": (str,), "run_dir": (str,), "argv": (list,), "job_id": (str, type(None)), "jobs": (list,),
+                "status": (str,), "rows": (int,)}
+_JSON_NAMES = {str: "string", dict: "object", list: "array", int: "integer", type(None): "null"}
+_JOB_ID = re.compile(r"[0-9]+(_[0-9]+)?")  # a SLURM job or array element, or a local process id
+
+
+def _check(path, manifest):
+    """Refuse a manifest without the shape `submit` writes, or one whose paths leave the sweep directory.
+
+    The sweep directory is the one holding ``path``. Job results under ``folder`` are pickles, which run
+    code when loaded, and resubmitted points write to their run directories: ``sweep_dir`` must be that
+    directory, and ``folder`` and every ``run_dir`` (the ``--out`` that ends each point's ``argv``) must
+    lie inside it; job ids, which name the result files, must be SLURM ids or process ids.
+
+    Raises:
+        DataError: one line naming the key, what it holds, and the fix.
+    """
+    def refuse(what):
+        return DataError(f"{path}: {what}; not a sweep manifest as {PROG} writes it: restore the one it wrote, "
+                         "or submit the sweep again")
+
+    def check_types(table, types, where):
+        for key, kinds in types.items():
+            value = table.get(key)
+            if key not in table or not isinstance(value, kinds) or isinstance(value, bool):
+                found = f"is {json.dumps(value)[:60]}" if key in table else "is missing"
+                raise refuse(f"{where}{key} {found}, expected a JSON {' or '.join(_JSON_NAMES[k] for k in kinds)}")
+
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise refuse(f"not a JSON object with \"format\": {FORMAT}")
+    check_types(manifest, _MANIFEST_TYPES, "")
+    if manifest["cluster"] not in ("local", "slurm"):
+        raise refuse(f"cluster is {json.dumps(manifest['cluster'])[:60]}, expected \"local\" or \"slurm\"")
+    if not isinstance(manifest.get("workdir", ""), str):
+        raise refuse("workdir is not a string")
+    if not manifest["points"]:
+        raise refuse("points is empty")
+    for i, entry in enumerate(manifest["points"]):
+        if not isinstance(entry, dict):
+            raise refuse(f"points[{i}] is {json.dumps(entry)[:60]}, expected a JSON object")
+        check_types(entry, _POINT_TYPES, f"points[{i}].")
+        if not all(isinstance(a, str) for a in entry["argv"]) or entry["argv"][-2:] != ["--out", entry["run_dir"]]:
+            raise refuse(f"points[{i}].argv is not a list of strings ending with --out and the point's run_dir")
+        for job_id in [entry["job_id"], *entry["jobs"]]:
+            if job_id is not None and not (isinstance(job_id, str) and _JOB_ID.fullmatch(job_id)):
+                raise refuse(f"points[{i}] has job id {json.dumps(job_id)[:60]}, expected one such as \"1234\" or "
+                             "\"1234_5\"")
+    home = path.parent.resolve()
+    paths = [("folder", manifest["folder"])] + [(f"points[{i}].run_dir", e["run_dir"])
+                                                for i, e in enumerate(manifest["points"])]
+    outside = [(key, value) for key, value in paths if not Path(value).resolve().is_relative_to(home)]
+    if Path(manifest["sweep_dir"]).resolve() != home:
+        outside.insert(0, ("sweep_dir", manifest["sweep_dir"]))
+    if outside:
+        key, value = outside[0]
+        raise DataError(
+            f"{path}: {key} {value} is not the sweep directory {home} (the one holding {path.name}) or inside it; "
+            f"{PROG} reads job results (pickles, which run code) and writes runs only there: put the whole sweep "
+            "directory back where it was submitted, or submit the sweep again")
+
+
 def load(path):
+    """The manifest at ``path`` (SWEEP_DIR or its sweep.json), checked (`_check`); returns ``(path, manifest)``."""
     path = _manifest_path(path)
     try:
         manifest = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise DataError(f"{path}: not a sweep manifest ({err})") from None
-    if manifest.get("format") != FORMAT:
-        raise DataError(f"{path}: not a sweep manifest of format {FORMAT}")
+    _check(path, manifest)
     return path, manifest
 
 

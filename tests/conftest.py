@@ -49,6 +49,23 @@ def png_bytes(pixels):
     return buffer.getvalue()
 
 
+class _Planted:
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        import os
+
+        return os.mkdir, (self.marker,)
+
+
+def planted_pickle(marker):
+    """Pickle bytes that, when unpickled, create the directory ``marker``: what a planted pickle could do, harmlessly."""
+    import pickle
+
+    return pickle.dumps(_Planted(marker))
+
+
 def _uniform(class_id, index):
     import numpy as np
 

@@ -5,6 +5,7 @@ downloaded. A writer returns (RAW_DIR to pass, class names in id order, per clas
 record order: a pixel array or the image file).
 """
 
+import hashlib
 import io
 import json
 import pickle
@@ -17,6 +18,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import scipy.io
+from conftest import planted_pickle
 from PIL import Image
 
 import registry.convert as convert_module
@@ -76,6 +78,17 @@ def write_mnist(raw, sizes):
     return raw, [f"class_{d}" for d in range(10)], _by_class(labels, list(images), 10)
 
 
+# {CIFAR folder: {file name: MD5}} of the fake copy written last: `published_fakes` makes these the published MD5s.
+FAKE_MD5S = {}
+PUBLISHED_MD5S = convert_module._published_md5s  # the real lookup (torchvision's lists), before any test patches it
+
+
+@pytest.fixture(autouse=True)
+def published_fakes(monkeypatch):
+    """The converter takes the fake CIFAR copy a test wrote last for the official one (its MD5s are "published")."""
+    monkeypatch.setattr(convert_module, "_published_md5s", lambda cifar: FAKE_MD5S[cifar.base_folder])
+
+
 def _write_cifar(raw, sizes, label_names, folder, batch, meta, names_key, labels_key):
     """A CIFAR python-version copy; ``label_names`` in torchvision label order."""
     rng = np.random.default_rng(1)
@@ -86,6 +99,7 @@ def _write_cifar(raw, sizes, label_names, folder, batch, meta, names_key, labels
         pickle.dump({"data": data, labels_key: labels.tolist()}, f)
     with open(raw / folder / meta, "wb") as f:
         pickle.dump({names_key: list(label_names)}, f)
+    FAKE_MD5S[folder] = {name: hashlib.md5((raw / folder / name).read_bytes()).hexdigest() for name in (batch, meta)}
     names = sorted(label_names)
     class_id = [names.index(n) for n in label_names]
     images = list(data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))
@@ -365,6 +379,30 @@ def test_unreadable_image_is_an_error_naming_the_file(workers, tmp_path):
     assert list((tmp_path / "records").iterdir()) == []
 
 
+def test_cifar_md5s_are_the_published_ones_torchvision_lists():
+    datasets = convert_module._torchvision_datasets()
+    assert PUBLISHED_MD5S(datasets.CIFAR10) == {
+        "test_batch": "40351d587109b95175f43aff81a1287e", "batches.meta": "5ff9c542aee3614f3951f8cda6e48888"}
+    assert PUBLISHED_MD5S(datasets.CIFAR100) == {
+        "test": "f0ef6b0ae62326f3e7ffdfab6717acfc", "meta": "7973b15100ade9c7d40fb424638fde48"}
+
+
+@pytest.mark.parametrize("name, folder, file", [
+    ("cifar10", "cifar-10-batches-py", "test_batch"), ("cifar10", "cifar-10-batches-py", "batches.meta"),
+    ("cifar100", "cifar-100-python", "test"), ("cifar100", "cifar-100-python", "meta"),
+])
+def test_a_cifar_file_that_is_not_the_published_one_is_refused_before_it_is_unpickled(name, folder, file, tmp_path,
+                                                                                       monkeypatch):
+    raw, _, _ = WRITERS[name](tmp_path / "raw", _sizes(name))
+    (raw / folder / file).write_bytes(planted_pickle(tmp_path / "planted"))
+    unpickled = []
+    monkeypatch.setattr(pickle, "load", lambda *args, **kwargs: unpickled.append(args))
+    with pytest.raises(DataError, match=rf"{folder}/{file}: MD5 \w+ is not the published {FAKE_MD5S[folder][file]}.*"
+                                        r"re-download the official https://www\.cs\.toronto\.edu/~kriz/cifar-10"):
+        convert(name, raw, tmp_path / "records")
+    assert unpickled == [] and not (tmp_path / "planted").exists() and not (tmp_path / "records").exists()
+
+
 # --- atomicity, re-runs, determinism -------------------------------------------------------------
 
 
@@ -468,6 +506,18 @@ def test_cli_converts_and_prints_one_summary_line(tmp_path):
     assert result.returncode == 0, result.stderr
     assert len(result.stdout.splitlines()) == 1
     assert result.stdout.startswith("mnist: wrote 10 classes (train/valid/test 0/0/10), 25 images to ")
+
+
+def test_cli_refuses_a_cifar_copy_whose_md5s_are_not_the_published_ones(tmp_path):
+    """In a fresh process (no test's MD5s): a fake copy is not the official one; one line, and nothing unpickled."""
+    raw, _, _ = write_cifar10(tmp_path / "raw", _sizes("cifar10"))
+    (raw / "cifar-10-batches-py" / "test_batch").write_bytes(planted_pickle(tmp_path / "planted"))
+    result = _cli("cifar10", "--raw", raw, "--out", tmp_path / "records")
+    assert result.returncode == 2 and result.stdout == ""
+    assert len(result.stderr.splitlines()) == 1, result.stderr
+    assert "test_batch: MD5" in result.stderr and "not the published 40351d587109b95175f43aff81a1287e" in result.stderr
+    assert "re-download the official https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz" in result.stderr
+    assert not (tmp_path / "planted").exists() and not (tmp_path / "records" / "cifar10").exists()
 
 
 @pytest.mark.parametrize(

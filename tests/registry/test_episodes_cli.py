@@ -80,19 +80,30 @@ def _spec_with(tmp_path, source, edit):
     return tmp_path
 
 
-def _without(d, *path):
-    """``d`` with the entry at ``path`` (keys, the last one removed) taken out."""
-    *tables, key = path
-    table = d
+def _table(d, tables):
     for name in tables:
-        table = table[name]
-    del table[key]
+        d = d[name]
     return d
 
 
+def _without(d, *path):
+    """``d`` with the entry at ``path`` (keys, the last one removed) taken out."""
+    del _table(d, path[:-1])[path[-1]]
+    return d
+
+
+def _set(d, value, *path):
+    """``d`` with the entry at ``path`` (keys) set to ``value``."""
+    _table(d, path[:-1])[path[-1]] = value
+    return d
+
+
+def _first_test_leaf(d):
+    return sorted(n["wn_id"] for n in d["split_subgraphs"]["TEST"] if not n["children_ids"])[0]
+
+
 def _without_count_of_first_test_leaf(d):
-    test_leaves = sorted(n["wn_id"] for n in d["split_subgraphs"]["TEST"] if not n["children_ids"])
-    return _without(d, "images_per_class", "TEST", test_leaves[0])
+    return _without(d, "images_per_class", "TEST", _first_test_leaf(d))
 
 
 def _test_dag_edited(d, edit):
@@ -114,8 +125,17 @@ def _test_dag_edited(d, edit):
      "has a child n0 that is not a node of the TEST split"),
     ("ilsvrc_2012", lambda d: _test_dag_edited(d, lambda parent, child: child["children_ids"].append(parent["wn_id"])),
      "TEST sub-DAG has a cycle"),
+    ("aircraft", lambda d: _set(d, -5, "images_per_class", "90"),
+     "malformed DatasetSpecification (ValueError: images_per_class entry 90 is -5; a count cannot be negative)"),
+    ("aircraft", lambda d: _set(d, -1, "classes_per_split", "VALID"), "classes_per_split entry VALID is -1"),
+    ("omniglot", lambda d: _set(d, -2, "classes_per_superclass", "3"),
+     "malformed BiLevelDatasetSpecification (ValueError: classes_per_superclass entry 3 is -2"),
+    ("omniglot", lambda d: _set(d, -7, "images_per_class", "0"), "images_per_class entry 0 is -7"),
+    ("ilsvrc_2012", lambda d: _set(d, -3, "images_per_class", "TEST", _first_test_leaf(d)),
+     "malformed HierarchicalDatasetSpecification (ValueError: images_per_class.TEST entry n"),
 ], ids=["list", "class_list", "wrong_type", "bilevel_missing_superclass", "dag_missing_count", "dag_missing_name",
-        "dag_stray_child", "dag_cycle"])
+        "dag_stray_child", "dag_cycle", "negative_images", "negative_classes", "bilevel_negative_classes",
+        "bilevel_negative_images", "dag_negative_images"])
 def test_a_malformed_spec_is_one_error_naming_the_problem(tmp_path, source, edit, message):
     """Checked when the spec loads, whichever split is sampled (here train; the DAG faults are in other splits)."""
     result = run_cli("--spec", _spec_with(tmp_path, source, edit), "--split", "train", "--seed", 0, "--episodes", 1)
@@ -140,3 +160,47 @@ def test_cli_does_not_import_torch():
     code = "import sys, registry.episodes; print('torch' in sys.modules)"
     result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
     assert result.stdout.strip() == "False", result.stderr
+
+
+BAD_COUNTS = [
+    (["--episodes", "0"], "--episodes is 0; give the number of descriptions to print (at least 1)"),
+    (["--episodes", "-1"], "--episodes is -1; give the number of descriptions to print (at least 1)"),
+    (["--seed", "-1"], "--seed is -1; give an integer from 0 to 2**32 - 1"),
+    (["--num-ways", "-3"], "num_ways is -3; give an integer of at least 1 or leave it unset"),
+    (["--num-ways", "0"], "num_ways is 0; give an integer of at least 1 or leave it unset"),
+    (["--num-support", "0"], "num_support is 0; give an integer of at least 1 or leave it unset"),
+    (["--num-query", "0"], "num_query is 0; give an integer of at least 1 or leave it unset"),
+    (["--num-query", "-1"], "num_query is -1; give an integer of at least 1 or leave it unset"),
+    (["--min-ways", "0"], "min_ways is 0; give an integer of at least 1"),
+    (["--max-num-query", "0"], "max_num_query is 0; give an integer of at least 1"),
+    (["--max-ways-upper-bound", "3"], "max_ways_upper_bound=3 is below min_ways=5; raise one or lower the other."),
+    (["--max-support-size-contrib-per-class", "-2"], "max_support_size_contrib_per_class is -2; give an integer"),
+    (["--min-log-weight", "nan"], "min_log_weight is nan; give a finite number"),
+    (["--max-log-weight", "nan"], "max_log_weight is nan; give a finite number"),
+    (["--min-log-weight=-inf"], "min_log_weight is -inf; give a finite number"),
+]
+
+
+@pytest.mark.parametrize("flags, message", BAD_COUNTS, ids=[" ".join(flags) for flags, _ in BAD_COUNTS])
+def test_a_nonpositive_count_or_nonfinite_weight_is_one_error_line_before_any_episode(flags, message):
+    """Counts the official sampler would turn into empty episodes, 0-shot or 0-query classes, numpy errors or an
+    OverflowError traceback are refused up front; the line names the field."""
+    given = {f.split("=")[0] for f in flags}
+    defaults = [x for flag in ("--seed", "--episodes") if flag not in given for x in (flag, "2")]
+    result = run_cli("--spec", SHARED_PARENT / "shared/conformance/specs/aircraft", "--split", "test", *defaults, *flags)
+    assert result.returncode == 2 and result.stdout == ""
+    assert len(result.stderr.splitlines()) == 1 and f"python -m registry.episodes: error: {message}" in result.stderr
+
+
+def test_a_reader_that_stops_early_ends_it_quietly():
+    """``| head -1``: the writes after the reader left fail with EPIPE; no BrokenPipeError traceback, status 1."""
+    process = subprocess.Popen(
+        [sys.executable, "-m", "registry.episodes", "--spec", SHARED_PARENT / "shared/conformance/specs/aircraft",
+         "--split", "test", "--seed", "0", "--episodes", "100000"],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    first = json.loads(process.stdout.readline())
+    process.stdout.close()
+    stderr = process.stderr.read()
+    assert process.wait(timeout=120) == 1
+    assert stderr == "" and first

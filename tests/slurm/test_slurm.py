@@ -19,6 +19,7 @@ from types import SimpleNamespace
 import pytest
 import submitit
 import torch
+from conftest import planted_pickle
 
 from registry.errors import DataError
 from slurm import cluster as slurm_cluster
@@ -132,13 +133,23 @@ def squeue_says(monkeypatch, returncode, stdout="", stderr=""):
     monkeypatch.setattr(sweep.subprocess, "run", run)
 
 
+def manifest_point(tmp_path, name, job_id, state):
+    """Point ``name`` of a sweep in ``tmp_path``, as `sweep.submit` writes it; its job is ``job_id`` (None: not yet)."""
+    run_dir = str(tmp_path / name)
+    return dict(name=name, values={}, run_dir=run_dir, argv=["--out", run_dir], job_id=job_id,
+                jobs=[job_id] if job_id else [], status=state, rows=0)
+
+
+def manifest_of(tmp_path, cluster, points):
+    """The manifest of a sweep in ``tmp_path`` of ``points``, as `sweep.submit` writes it."""
+    return dict(format=sweep.FORMAT, sweep_dir=str(tmp_path), cluster=cluster, folder=str(tmp_path / "submitit"),
+                parameters={}, workdir=str(tmp_path), points=points)
+
+
 def slurm_manifest(tmp_path, job_id, state):
     """A saved SLURM sweep of one point ``a`` whose job is ``job_id``; returns the manifest's path."""
     path = tmp_path / sweep.MANIFEST
-    point = dict(name="a", values={}, run_dir=str(tmp_path / "a"), argv=[], job_id=job_id, jobs=[job_id],
-                 status=state, rows=0)
-    sweep.save(path, dict(format=sweep.FORMAT, cluster="slurm", folder=str(tmp_path / "submitit"), parameters={},
-                          workdir=str(tmp_path), points=[point]))
+    sweep.save(path, manifest_of(tmp_path, "slurm", [manifest_point(tmp_path, "a", job_id, state)]))
     return path
 
 
@@ -257,9 +268,7 @@ def test_status_never_writes_back_the_job_ids_a_resubmission_just_saved(tmp_path
 
 def test_a_local_sweep_takes_the_lock_only_to_save_so_status_answers_meanwhile(tmp_path):
     path = tmp_path / sweep.MANIFEST
-    manifest = dict(format=sweep.FORMAT, cluster="local", folder=str(tmp_path / "submitit"),
-                    points=[dict(name="a", run_dir=str(tmp_path / "a"), argv=[], job_id=None, jobs=[],
-                                 status="NOT SUBMITTED", rows=0)])
+    manifest = manifest_of(tmp_path, "local", [manifest_point(tmp_path, "a", None, "NOT SUBMITTED")])
     sweep.save(path, manifest)
     answered = []
 
@@ -292,12 +301,8 @@ def test_a_local_job_that_gets_an_earlier_jobs_process_id_is_not_taken_for_it(tm
         def submit(self, job, argv):
             return type("Job", (), {"job_id": pid})()
 
-    def point(name, job_id, state):
-        return dict(name=name, run_dir=str(tmp_path / name), argv=[], job_id=job_id, jobs=[job_id] if job_id else [],
-                    status=state, rows=0)
-
-    manifest = dict(format=sweep.FORMAT, cluster="local", folder=str(folder), points=[point("a", pid, "PENDING"),
-                    point("b", None, "NOT SUBMITTED")])
+    manifest = manifest_of(tmp_path, "local", [manifest_point(tmp_path, "a", pid, "PENDING"),
+                                               manifest_point(tmp_path, "b", None, "NOT SUBMITTED")])
     path = tmp_path / sweep.MANIFEST
     try:
         sweep._submit_entries(manifest, Executor(), manifest["points"][1:])
@@ -316,6 +321,83 @@ def test_a_process_that_got_a_local_jobs_id_later_is_not_the_job(tmp_path):
     """A point whose process is gone, its id now held by another program (here: this test), is lost."""
     manifest = dict(cluster="local", folder=str(tmp_path), points=[{"job_id": str(os.getpid()), "status": "RUNNING"}])
     assert sweep._states(manifest, manifest["points"]) == {str(os.getpid()): "LOST"}
+
+
+def _edited(path, edit):
+    """Rewrite the manifest at ``path`` as ``edit(its JSON)`` returns it."""
+    path.write_text(json.dumps(edit(json.loads(path.read_text()))))
+    return path
+
+
+def _point(manifest, **changes):
+    manifest["points"][0].update(changes)
+    return manifest
+
+
+BAD_SHAPES = {
+    "list": lambda m: [m],
+    "no_format": lambda m: {k: v for k, v in m.items() if k != "format"},
+    "no_points": lambda m: {k: v for k, v in m.items() if k != "points"},
+    "points_not_a_list": lambda m: {**m, "points": {"a": m["points"][0]}},
+    "no_points_at_all": lambda m: {**m, "points": []},
+    "point_not_an_object": lambda m: {**m, "points": ["a"]},
+    "folder_not_a_string": lambda m: {**m, "folder": ["submitit"]},
+    "unknown_cluster": lambda m: {**m, "cluster": "lsf"},
+    "point_without_status": lambda m: {**m, "points": [{k: v for k, v in m["points"][0].items() if k != "status"}]},
+    "job_id_a_number": lambda m: _point(m, job_id=11),
+    "rows_a_string": lambda m: _point(m, rows="3"),
+    "job_id_a_path": lambda m: _point(m, job_id="../../elsewhere/11"),
+    "argv_without_out": lambda m: _point(m, argv=["--gin", "methods/pre.gin"]),
+}
+
+
+@pytest.mark.parametrize("command", ["--status", "--wait", "--resubmit-failed"])
+@pytest.mark.parametrize("edit", BAD_SHAPES.values(), ids=BAD_SHAPES)
+def test_a_manifest_of_the_wrong_shape_is_one_error_line_and_left_as_it_is(tmp_path, capsys, command, edit):
+    path = _edited(slurm_manifest(tmp_path, "11", "FAILED"), edit)
+    before = path.read_bytes()
+    args = ["--status", str(tmp_path), "--wait"] if command == "--wait" else [command, str(tmp_path)]
+    with pytest.raises(SystemExit) as exit_:
+        sweep.main(args)
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and len(err.splitlines()) == 1, err
+    assert err.startswith(f"python -m slurm.sweep: error: {path}: ") and "submit the sweep again" in err
+    assert path.read_bytes() == before
+
+
+@pytest.mark.parametrize("key", ["folder", "run_dir", "sweep_dir"])
+def test_a_manifest_pointing_outside_its_sweep_directory_is_refused_and_nothing_there_is_unpickled(tmp_path, capsys,
+                                                                                                   key):
+    """A sweep.json whose folder (or run or sweep directory) is elsewhere: --status would unpickle the result files
+    there, which run code. The job's result file there is a planted pickle; it is never loaded."""
+    elsewhere = tmp_path / "elsewhere"
+    (elsewhere / "submitit").mkdir(parents=True)
+    (elsewhere / "submitit" / "11_0_result.pkl").write_bytes(planted_pickle(tmp_path / "planted"))
+    sweep_dir = tmp_path / "sweep"
+    sweep_dir.mkdir()
+    moved = {"folder": lambda m: {**m, "folder": str(elsewhere / "submitit")},
+             "run_dir": lambda m: _point(m, run_dir=str(elsewhere / "a"), argv=["--out", str(elsewhere / "a")]),
+             "sweep_dir": lambda m: {**m, "sweep_dir": str(elsewhere)}}[key]
+    path = _edited(slurm_manifest(sweep_dir, "11", "FAILED"), moved)
+    if key != "folder":  # the planted result where the job's real one would be
+        (sweep_dir / "submitit").mkdir()
+        (sweep_dir / "submitit" / "11_0_result.pkl").write_bytes(planted_pickle(tmp_path / "planted"))
+    for command in ("--status", "--resubmit-failed"):
+        with pytest.raises(SystemExit) as exit_:
+            sweep.main([command, str(sweep_dir)])
+        err = capsys.readouterr().err
+        assert exit_.value.code == 2 and len(err.splitlines()) == 1, err
+        assert f"{path}: {key if key != 'run_dir' else 'points[0].run_dir'} {elsewhere}" in err
+        assert f"is not the sweep directory {sweep_dir} (the one holding sweep.json) or inside it" in err
+    assert not (tmp_path / "planted").exists()
+
+
+def test_a_manifest_reached_through_a_link_to_its_directory_is_its_own(tmp_path):
+    """Paths are compared once resolved: a sweep followed through a symlinked directory is still inside."""
+    (tmp_path / "real").mkdir()
+    path = slurm_manifest(tmp_path / "real", None, "NOT SUBMITTED")
+    (tmp_path / "link").symlink_to(tmp_path / "real")
+    assert sweep.load(tmp_path / "link")[1] == sweep.load(path)[1]
 
 
 def test_checkpoint_requeues_a_fresh_job_with_the_same_command_and_directory(tmp_path):
