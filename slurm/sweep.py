@@ -408,7 +408,13 @@ def _runs_a_local_job(pid):
         command = Path(f"/proc/{pid}/cmdline").read_bytes()
     except OSError:  # it ended just now
         return False
-    return not command or b"submitit" in command  # empty while a process just started is still exec-ing
+    if command:
+        return b"submitit" in command
+    try:  # empty while a process just started is still exec-ing, and always for a kernel thread, which has no exe
+        os.readlink(f"/proc/{pid}/exe")
+    except OSError:
+        return False
+    return True
 
 
 def _rows(run_dir):

@@ -238,6 +238,15 @@ def test_a_failing_squeue_is_an_error_and_only_a_job_it_does_not_know_is_lost(tm
         sweep._states(manifest, manifest["points"])
 
 
+@pytest.mark.skipif(Path("/proc/2/comm").read_text().strip() != "kthreadd" if Path("/proc/2/comm").exists() else True,
+                    reason="needs Linux /proc with kthreadd as process 2")
+def test_a_local_job_id_that_is_now_a_kernel_thread_is_not_running():
+    """A local job's id is its process id; a kernel thread (empty cmdline forever, no exe) that has it is not the job,
+    while a process that has no cmdline yet but an exe may be one still exec-ing."""
+    assert not sweep._runs_a_local_job(2)
+    assert not sweep._runs_a_local_job(os.getpid())  # a program, but not submitit's
+
+
 def test_status_never_writes_back_the_job_ids_a_resubmission_just_saved(tmp_path, monkeypatch):
     """``--status`` asks sacct (slow) while ``--resubmit-failed`` in another terminal resubmits the failed
     point: the new job id stays in the manifest (or a later resubmission would run a second job in its directory)."""
