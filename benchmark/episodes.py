@@ -154,12 +154,13 @@ class SourceRecords:
         self._contents = {}
 
     def record_file(self, class_id):
-        """The `RecordFile` of absolute class ``class_id``; a missing file is a `DataError` naming the fix."""
+        """The `RecordFile` of absolute class ``class_id``, whose errors name this source's fix; a missing file
+        is a `DataError` naming the fix."""
         if class_id not in self._files:
             path = self.spec.class_path(class_id)
             if not path.is_file():
                 raise DataError(f"{path}: missing class file of source '{self.source.name}'; {self.source.how_to_fix()}")
-            self._files[class_id] = RecordFile(path)
+            self._files[class_id] = RecordFile(path, fix=self.source.how_to_fix())
         return self._files[class_id]
 
     def class_content(self, class_id):

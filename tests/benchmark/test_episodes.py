@@ -167,6 +167,18 @@ def test_record_count_disagreeing_with_the_spec_is_reported(bench, tmp_path, wri
             fresh.eval_episodes("beta", "test", num_episodes=50)[i]
 
 
+def test_broken_framing_names_the_file_record_byte_and_the_sources_fix(bench, tmp_path):
+    path = tmp_path / "beta" / "14.tfrecords"
+    payloads = list(iter_records(path))
+    start = sum(len(p) + 16 for p in payloads[:3])
+    data = bytearray(path.read_bytes())
+    data[start] ^= 1  # the length of record 3
+    path.write_bytes(bytes(data))
+    with pytest.raises(DataError, match=rf"beta/14.tfrecords: record 3: length CRC mismatch in the record header at "
+                                        rf"byte {start} \(corrupt framing\); delete the directory and let smat-bench"):
+        bench.source("beta").pixels(14, [0])
+
+
 def test_sampler_error_names_benchmark_source_split_and_episode(write_source, tmp_path):
     write_source("tiny", (0, 0, 5), [3, 3, 3, 3, 3])
     tiny = source("tiny", (0, 0, 5), role="ood")
