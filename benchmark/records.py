@@ -71,26 +71,28 @@ def _fix(path):
     return f"re-run the Meta-Dataset conversion of {Path(path).parent.name or 'this source'}"
 
 
-def _fault(path, index, what):
-    """A `RecordError` naming the file, the record and the fix."""
-    return RecordError(f"{path}: record {index}: {what}; {_fix(path)}")
+def _fault(path, index, what, fix=None):
+    """A `RecordError` naming the file, the record and the fix (default `_fix`)."""
+    return RecordError(f"{path}: record {index}: {what}; {fix or _fix(path)}")
 
 
-def _check_header(path, index, header, remaining):
-    """Payload length of a 12-byte ``header``; ``remaining`` is the number of bytes from the header on."""
+def _check_header(path, index, header, pos, size, fix=None):
+    """Payload length of the 12-byte ``header`` of record ``index``, at byte ``pos`` of a ``size``-byte file."""
     if len(header) < _HEADER.size:
-        raise _fault(path, index, f"file truncated inside the record header ({len(header)} of 12 bytes)")
+        raise _fault(path, index, f"file truncated inside the record header at byte {pos} "
+                                  f"({len(header)} of 12 bytes)", fix)
     length, crc = _HEADER.unpack(header)
     if crc != _masked_crc(header[:8]):
-        raise _fault(path, index, "length CRC mismatch (corrupt framing)")
-    if length + _FRAME > remaining:
-        raise _fault(path, index, f"file truncated (record needs {length + _FRAME} bytes, {remaining} left)")
+        raise _fault(path, index, f"length CRC mismatch in the record header at byte {pos} (corrupt framing)", fix)
+    if length + _FRAME > size - pos:
+        raise _fault(path, index, f"file truncated (the record at byte {pos} needs {length + _FRAME} bytes, "
+                                  f"{size - pos} left)", fix)
     return length
 
 
-def _check_payload(path, index, payload, footer):
+def _check_payload(path, index, payload, footer, fix=None):
     if _FOOTER.unpack(footer)[0] != _masked_crc(payload):
-        raise _fault(path, index, "payload CRC mismatch (corrupt record)")
+        raise _fault(path, index, "payload CRC mismatch (corrupt record)", fix)
 
 
 def _varint(buf, pos):
@@ -221,11 +223,11 @@ def write_records(path, payloads):
     return count
 
 
-def _open(path):
+def _open(path, fix=None):
     try:
         return open(path, "rb")
     except FileNotFoundError:
-        raise RecordError(f"{path}: no such record file; {_fix(path)} or check the records root") from None
+        raise RecordError(f"{path}: no such record file; {fix or _fix(path)} or check the records root") from None
 
 
 def iter_records(path, check_crc=True):
@@ -238,15 +240,15 @@ def iter_records(path, check_crc=True):
         RecordError: missing file, bad CRC or truncation; names the record index.
     """
     with _open(path) as f:
-        remaining = os.fstat(f.fileno()).st_size
-        index = 0
-        while remaining:
-            length = _check_header(path, index, f.read(_HEADER.size), remaining)
+        size = os.fstat(f.fileno()).st_size
+        pos = index = 0
+        while pos < size:
+            length = _check_header(path, index, f.read(_HEADER.size), pos, size)
             payload, footer = f.read(length), f.read(_FOOTER.size)
             if check_crc:
                 _check_payload(path, index, payload, footer)
             yield payload
-            remaining -= length + _FRAME
+            pos += length + _FRAME
             index += 1
 
 
@@ -259,11 +261,13 @@ class RecordFile:
     Args:
         path: the ``.tfrecords`` file.
         check_crc: check each payload's CRC on `read` (the length CRCs are always checked by the scan).
+        fix: what its errors tell to do (default: re-run the Meta-Dataset conversion of its directory).
     """
 
-    def __init__(self, path, check_crc=True):
+    def __init__(self, path, check_crc=True, fix=None):
         self.path = Path(path)
         self.check_crc = check_crc
+        self.fix = fix
         self._starts = None  # start of each record, then the file size: record i is starts[i]:starts[i+1]
         self._file = self._pid = None
 
@@ -272,7 +276,7 @@ class RecordFile:
 
     def _handle(self):
         if self._pid != os.getpid():  # never share a file offset with a forked parent
-            self._file, self._pid = _open(self.path), os.getpid()
+            self._file, self._pid = _open(self.path, self.fix), os.getpid()
         return self._file
 
     def _scan(self):
@@ -283,7 +287,7 @@ class RecordFile:
             while pos < size:
                 f.seek(pos)
                 starts.append(pos)
-                pos += _check_header(self.path, len(starts) - 1, f.read(_HEADER.size), size - pos) + _FRAME
+                pos += _check_header(self.path, len(starts) - 1, f.read(_HEADER.size), pos, size, self.fix) + _FRAME
             self._starts = np.array(starts + [size], dtype=np.int64)
         return self._starts
 
@@ -305,10 +309,10 @@ class RecordFile:
         f.seek(start + _HEADER.size)
         data = f.read(end - start - _HEADER.size)
         if len(data) != end - start - _HEADER.size:
-            raise _fault(self.path, i, "file truncated since it was opened")
+            raise _fault(self.path, i, "file truncated since it was opened", self.fix)
         payload = data[: -_FOOTER.size]
         if self.check_crc:
-            _check_payload(self.path, i, payload, data[-_FOOTER.size :])
+            _check_payload(self.path, i, payload, data[-_FOOTER.size :], self.fix)
         return payload
 
     def fingerprint(self):

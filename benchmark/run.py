@@ -458,6 +458,7 @@ def execute(args):
             f"{config.method}.tasks_per_step = {job.method.tasks_per_step} cannot be split over "
             f"{distributed.world_size()} processes for meta-training; bind it to a multiple of the process count"
         )
+    print(job.data.check(trains, args.stage in ("eval", "all"), progress=distributed.is_main()), file=sys.stderr)
     claim_directory(job)
     print(f"run in {job.directory} on {_device_name(job.device)}", file=sys.stderr)
     if trains:

@@ -312,3 +312,16 @@ def test_run_decoded_cache_binding_reaches_the_benchmark_data(mini_root, tmp_pat
     with pytest.raises(DataError, match=rf"{re.escape(str(tmp_path))}/mini_shapes/center_crop-32/cache\.json: "
                                         r"no decoded cache of source 'mini_shapes'"):
         build(config)
+
+
+@pytest.mark.parametrize("fault", ["missing", "truncated"])
+def test_a_run_checks_every_cached_class_file_before_it_starts(fault, records_root, tmp_path):
+    benchmark, cache_root = toy_benchmark(), tmp_path / "decoded"
+    build_cache(benchmark, records_root, cache_root)
+    data = BenchmarkData(benchmark, records_root, decoded_cache=cache_root)
+    assert re.fullmatch(r"checked 16 decoded-cache files \(shape\) of noise: 192 records in \d+\.\d\d s", data.check())
+    path = cache_root / "noise" / "center_crop-8" / "5.npy"
+    path.unlink() if fault == "missing" else _truncate(path, 10)
+    what = "missing class file" if fault == "missing" else r"not a complete uint8 C-order array of shape \(12, 3, 8, 8\)"
+    with pytest.raises(DataError, match=rf"5\.npy: {what} of the decoded cache of 'noise'; " + re.escape(REBUILD)):
+        BenchmarkData(benchmark, records_root, decoded_cache=cache_root).check()

@@ -1,5 +1,6 @@
 """Episodes are pure functions of their identity, follow the official descriptions, and never repeat an image."""
 
+import re
 from collections import Counter
 
 import numpy as np
@@ -13,7 +14,7 @@ from methods import Task
 from benchmark.preprocess import IMAGENET_MEAN, IMAGENET_STD
 from registry.catalog import Benchmark, Source
 from registry.config import EpisodeDescriptionConfig
-from registry.dataset_spec import load_dataset_spec
+from registry.dataset_spec import Split, load_dataset_spec
 from registry.errors import DataError
 from registry.sampling import EpisodeDescriptionSampler
 
@@ -165,6 +166,68 @@ def test_record_count_disagreeing_with_the_spec_is_reported(bench, tmp_path, wri
     with pytest.raises(DataError, match=r"13.tfrecords: 30 records, dataset_spec.json says 31"):
         for i in range(50):
             fresh.eval_episodes("beta", "test", num_episodes=50)[i]
+
+
+def _cut(path, keep):
+    """Keep the first ``keep`` bytes of ``path``."""
+    path.write_bytes(path.read_bytes()[:keep])
+
+
+def _flip(path, offset):
+    data = bytearray(path.read_bytes())
+    data[offset] ^= 1
+    path.write_bytes(bytes(data))
+
+
+def _record_start(path, i):
+    return sum(len(p) + 16 for p in list(iter_records(path))[:i])
+
+
+def test_broken_framing_names_the_file_record_byte_and_the_sources_fix(bench, tmp_path):
+    path = tmp_path / "beta" / "14.tfrecords"
+    start = _record_start(path, 3)
+    _flip(path, start)  # the length of record 3
+    with pytest.raises(DataError, match=rf"beta/14.tfrecords: record 3: length CRC mismatch in the record header at "
+                                        rf"byte {start} \(corrupt framing\); delete the directory and let smat-bench"):
+        bench.source("beta").pixels(14, [0])
+
+
+DAMAGES = {  # (damage to beta/14.tfrecords, 30 records; what the error says)
+    "framing": (lambda p: _flip(p, _record_start(p, 3)),
+                lambda p: rf"record 3: length CRC mismatch in the record header at byte {_record_start(p, 3)} "),
+    "truncated": (lambda p: _cut(p, p.stat().st_size - 10),
+                  lambda p: rf"record 29: file truncated \(the record at byte {_record_start(p, 29)} needs"),
+    "count": (lambda p: _cut(p, _record_start(p, 29)), lambda p: "29 records, dataset_spec.json says 30"),
+    "missing": (lambda p: p.unlink(), lambda p: "missing class file of source 'beta'"),
+}
+
+
+@pytest.mark.parametrize("fault", DAMAGES)
+def test_check_finds_a_bad_class_file_before_any_episode_and_names_it_and_the_fix(bench, tmp_path, fault):
+    summary = r"checked 42 record files \(framing, record count\) of alpha, beta: 1490 records in \d+\.\d\d s"
+    assert re.fullmatch(summary, bench.check())
+    path, (damage, message) = tmp_path / "beta" / "14.tfrecords", DAMAGES[fault]
+    message = f"{re.escape(str(path))}: {message(path)}.*; delete the directory and let smat-bench regenerate it"
+    damage(path)
+    with pytest.raises(DataError, match=message):
+        BenchmarkData(bench.benchmark, tmp_path).check()
+
+
+def test_check_reads_only_the_splits_a_run_reads(write_source, tmp_path):
+    write_source("alpha", (10, 6, 7), 20)
+    write_source("beta", (8, 5, 6), 20)
+    alpha, beta = source("alpha", (10, 6, 7)), source("beta", (8, 5, 6))
+    benchmark = Benchmark("toy_roles", "", "user", (alpha,), (alpha,), (beta,), (), 4, 6, 0, "paper")
+    data = BenchmarkData(benchmark, tmp_path)
+    assert data.splits_read(train=True, evaluate=False) == {"alpha": [Split.TRAIN, Split.VALID]}
+    assert data.splits_read(train=False, evaluate=True) == {"beta": [Split.TEST, Split.VALID], "alpha": [Split.VALID]}
+    _cut(tmp_path / "alpha" / "0.tfrecords", 100)  # a TRAIN class: read by meta-training only
+    _cut(tmp_path / "beta" / "18.tfrecords", 100)  # a TEST class: read by meta-testing only
+    with pytest.raises(DataError, match=r"alpha/0.tfrecords: record 0: file truncated"):
+        BenchmarkData(benchmark, tmp_path).check(train=True, evaluate=False)
+    with pytest.raises(DataError, match=r"beta/18.tfrecords: record 0: file truncated"):
+        BenchmarkData(benchmark, tmp_path).check(train=False, evaluate=True)
+    assert "checked 0 record files" in BenchmarkData(benchmark, tmp_path).check(train=False, evaluate=False)
 
 
 def test_sampler_error_names_benchmark_source_split_and_episode(write_source, tmp_path):

@@ -178,25 +178,34 @@ def test_flipped_payload_byte_names_the_record(five_records):
         records.read(3)
 
 
-def test_flipped_length_byte_names_the_record(five_records):
+def test_flipped_length_byte_names_the_record_and_its_byte(five_records):
     path, payloads = five_records
     _flip(path, _record_start(payloads, 2) + 1)
-    with pytest.raises(RecordError, match="record 2: length CRC"):
+    message = f"record 2: length CRC mismatch in the record header at byte {_record_start(payloads, 2)} "
+    with pytest.raises(RecordError, match=message):
         list(iter_records(path, check_crc=False))
-    with pytest.raises(RecordError, match="record 2: length CRC"):
+    with pytest.raises(RecordError, match=message):
         len(RecordFile(path, check_crc=False))
 
 
 @pytest.mark.parametrize("cut", [10, -5], ids=["inside_last_record", "partial_header_after_last"])
-def test_truncated_file_names_the_last_record(five_records, cut):
+def test_truncated_file_names_the_last_record_and_its_byte(five_records, cut):
     path, payloads = five_records
     data = path.read_bytes()
     path.write_bytes(data[:-cut] if cut > 0 else data + data[:-cut])
     last = 4 if cut > 0 else 5
-    with pytest.raises(RecordError, match=f"record {last}: file truncated"):
+    message = f"record {last}: file truncated .*at byte {_record_start(payloads, last)} "
+    with pytest.raises(RecordError, match=message):
         list(iter_records(path))
-    with pytest.raises(RecordError, match=f"record {last}: file truncated"):
+    with pytest.raises(RecordError, match=message):
         len(RecordFile(path))
+
+
+def test_a_given_fix_replaces_the_default_one(five_records):
+    path, payloads = five_records
+    _flip(path, _record_start(payloads, 2) + 1)
+    with pytest.raises(RecordError, match="record 2: .*; regenerate it$"):
+        len(RecordFile(path, fix="regenerate it"))
 
 
 def test_check_crc_false_skips_the_payload_crc(five_records):

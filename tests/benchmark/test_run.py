@@ -3,6 +3,7 @@
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -172,6 +173,22 @@ def test_a_damaged_last_checkpoint_is_one_line_naming_it_and_keeps_the_rows(tmp_
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert exit_info.value.code == 2 and f"{last}: not a smat-bench checkpoint" in err
     assert (tmp_path / "r" / "episodes.jsonl").read_bytes() == before
+
+
+def test_a_corrupt_record_file_stops_the_run_before_it_claims_its_directory_or_trains(tmp_path, mini_root, capsys):
+    root = tmp_path / "records"
+    shutil.copytree(mini_root, root, ignore=shutil.ignore_patterns("backbones"))
+    broken = root / "mini_digits" / "9.tfrecords"  # a test-only class: read only after meta-training
+    broken.write_bytes(broken.read_bytes()[:-100])
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--gin", "methods/pmf.gin", "--smoke", "--bind", f"run.records_root = '{root}'",
+              "--bind", "run.pretrain_steps = 1", "--out", str(tmp_path / "run")])
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert exit_info.value.code == 2
+    assert re.fullmatch(rf"python -m benchmark\.run: error: {re.escape(str(broken))}: record \d+: file truncated "
+                        r"\(the record at byte \d+ needs \d+ bytes, \d+ left\); delete the directory .*", err)
+    assert not (tmp_path / "run").exists()
 
 
 def test_adapter_and_fast_path_bindings_are_part_of_the_run_config(mini_root):
