@@ -429,15 +429,17 @@ def train(run):
 
 def run_bindings(args):
     """The gin bindings of a parsed command line: the ``--bind`` values, then ``--smoke`` and ``--adapt`` as
-    bindings of ``run``. An unknown adapter raises DataError."""
+    bindings of ``run``. An ``--adapt`` naming no adapter, or an unknown one, raises DataError; a name given
+    twice counts once."""
     bindings = list(args.bind)
     if args.smoke:
         bindings.append("run.smoke = True")
-    if args.adapt:
-        names = [a.strip() for a in args.adapt.split(",") if a.strip()]
+    if args.adapt is not None:
+        names = list(dict.fromkeys(a.strip() for a in args.adapt.split(",") if a.strip()))
         unknown = [a for a in names if a not in ADAPTERS]
-        if unknown:
-            raise DataError(f"--adapt {','.join(unknown)}: unknown adapter; choose from {', '.join(ADAPTERS)}")
+        if unknown or not names:
+            what = f"{','.join(unknown)}: unknown adapter" if unknown else f"{args.adapt!r}: names no adapter"
+            raise DataError(f"--adapt {what}; choose from {', '.join(ADAPTERS)}, e.g. --adapt protonet,full")
         bindings.append(f"run.adapters = {tuple(names)!r}")
     return bindings
 
