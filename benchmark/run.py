@@ -33,6 +33,7 @@ from tqdm import tqdm
 
 import methods
 from benchmark import distributed
+from benchmark.checks import check_bindings
 from benchmark.episodes import BenchmarkData, episode_loader
 from benchmark.files import write_json
 from benchmark.config import RunConfig
@@ -66,7 +67,8 @@ def _resolve_gin_file(path):
 
 
 def parse_config(gin_files, bindings):
-    """Parse ``gin_files`` then ``bindings``; return the `RunConfig`.
+    """Parse ``gin_files`` then ``bindings``; return the `RunConfig`, its values and those bound for the
+    functions a run calls later (`benchmark.checks`) checked.
 
     When they bind no ``run.benchmark``, the mini setup is parsed first and the run says so.
     """
@@ -89,6 +91,7 @@ def parse_config(gin_files, bindings):
         files = [_resolve_gin_file(MINI_SETUP)] + files
     gin.finalize()
     try:
+        check_bindings()
         return RunConfig()
     except (ValueError, TypeError) as err:
         raise DataError(f"gin: {' '.join(str(err).split())}") from None

@@ -22,13 +22,13 @@ import copy
 from contextlib import nullcontext
 from dataclasses import dataclass
 
-import gin
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from timm.scheduler import CosineLRScheduler
 from torch.func import functional_call
 
+from benchmark.checks import FLAG, configurable, optional
 from benchmark.distributed import gather_objects, sum_gradients
 from methods.backbones import compiled_functional, compiles, load_parameters, working_copy
 
@@ -60,7 +60,7 @@ def autocast(device):
     return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
 
 
-@gin.configurable("differentiable", module="methods")
+@configurable("differentiable", "methods", compile_backbone=optional(FLAG))
 def forward_features(backbone, params, x, compile_backbone=False):
     """CLS features of ``x`` under parameters ``params`` (a name -> tensor dict) of ``backbone``, in fp32,
     with gradients into ``params``: the forward pass of meta-training and of fine-tuning through θ_i.
@@ -75,7 +75,7 @@ def forward_features(backbone, params, x, compile_backbone=False):
     return functional_call(backbone, params, (x,)).float()
 
 
-@gin.configurable("inference", module="methods")
+@configurable("inference", "methods", compile_backbone=optional(FLAG))
 def inference_features(backbone, params, x, compile_backbone=None):
     """`forward_features` without gradient, under `autocast`: the forward pass of prediction and routing.
 

@@ -35,11 +35,11 @@ Ablations of Table 2 are data, `VARIANTS`: each is a set of constructor override
 
 from functools import partial
 
-import gin
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from benchmark.checks import FLAG, configurable
 from methods._registry import register_method
 from methods.backbones import grad_keeping_graph
 from methods.base import (Method, TaskModel, cosine_logits, forward_features, inference_features, prototypes,
@@ -69,7 +69,7 @@ def variant_of(switches):
     return "+".join(f"no_{switch}" for switch in SWITCHES if not switches[switch])
 
 
-@gin.configurable("dense_teacher", module="methods")
+@configurable("dense_teacher", "methods", reuse_query_pass=FLAG)
 def teacher_reuses_query_pass(reuse_query_pass=False):
     """The fast-path switch ``dense_teacher.reuse_query_pass``: True, the student passes the support and
     the query separately and the dense teacher's first step goes back through the student's query pass
