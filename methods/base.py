@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from timm.scheduler import CosineLRScheduler
 from torch.func import functional_call
 
-from benchmark.checks import FLAG, configurable, optional
+from benchmark.checks import FLAG, check, configurable, integer, number, optional
 from benchmark.distributed import gather_objects, sum_gradients
 from methods.backbones import compiled_functional, compiles, load_parameters, working_copy
 
@@ -163,6 +163,9 @@ class TaskModel:
         return self.logits(x).argmax(-1)
 
 
+RULES = dict(tasks_per_step=integer(1), warmup_fraction=number(0, 1), min_lr=number(0))  # of `Method`'s arguments
+
+
 class Method(nn.Module):
     """Base class of every method. See the module docstring for the contract.
 
@@ -177,6 +180,7 @@ class Method(nn.Module):
     trains = True  # False: no meta-training (the runner skips it)
 
     def __init__(self, backbone, tasks_per_step=1, warmup_fraction=0.05, min_lr=1e-6):
+        check(self.name, locals(), RULES)
         super().__init__()
         self.backbone = backbone
         self.tasks_per_step = tasks_per_step

@@ -1,14 +1,18 @@
 """`benchmark.checks`: every configurable's values are checked, each bad one is one line naming its binding."""
 
 import inspect
+import re
 
 import gin
 import pytest
 
+import methods
 from benchmark.checks import _LATER, FLAG, check, check_bindings, integer, number, one_of, optional, tuple_of
 from benchmark.config import RULES as RUN_RULES
 from benchmark.config import RunConfig
+from methods import MINI_BACKBONE, create_backbone, create_method, list_methods
 from methods.adapters import ADAPTERS
+from methods.base import RULES as METHOD_RULES
 from methods.base import forward_features, inference_features
 from methods.experts import hard_concrete
 from methods.smat import teacher_reuses_query_pass
@@ -38,6 +42,13 @@ def _bindable(fn):
     return {n for n, p in inspect.signature(fn).parameters.items() if p.default is not p.empty and n != "backbone"}
 
 
+@pytest.mark.parametrize("name", list_methods())
+def test_every_method_argument_has_a_range(name):
+    cls = methods.method_class(name)
+    own = vars(inspect.getmodule(cls)).get("RULES", {})
+    assert _bindable(cls.__init__) - {"kwargs"} <= set(own) | set(METHOD_RULES)
+
+
 LATER = dict(differentiable=forward_features, inference=inference_features, hard_concrete=hard_concrete,
              dense_teacher=teacher_reuses_query_pass, **{n: f for n, f in ADAPTERS.items() if n != "protonet"})
 
@@ -50,6 +61,23 @@ def test_every_gin_function_argument_has_a_range(name):
 def test_every_run_field_with_a_range_has_one():
     unchecked = {"method", "benchmark", "records_root", "decoded_cache", "backbone", "weights_file"}  # named, checked when built
     assert set(RunConfig.__dataclass_fields__) == set(RUN_RULES) | unchecked
+
+
+@pytest.mark.parametrize("binding, message", [
+    ("smat.num_experts = 'x'", "smat.num_experts = 'x': give an integer >= 1"),
+    ("smat.num_experts = 0", "smat.num_experts = 0: give an integer >= 1"),
+    ("smat.target_sparsity = 'high'", "smat.target_sparsity = 'high': give a number in [0, 1)"),
+    ("smat.tasks_per_step = 0", "smat.tasks_per_step = 0: give an integer >= 1"),
+    ("smat.sparsity_measure = 'L0'", "smat.sparsity_measure = 'L0': give 'l0' or 'expected'"),
+    ("pmf.momentum = 1.5", "pmf.momentum = 1.5: give a number in [0, 1)"),
+    ("softmerge.num_experts = 2.5", "softmerge.num_experts = 2.5: give an integer >= 1"),
+    ("pre.tasks_per_step = -1", "pre.tasks_per_step = -1: give an integer >= 1"),
+])
+def test_a_method_refuses_a_bad_binding_when_built(binding, message):
+    gin.parse_config([binding])
+    name = binding.split(".")[0]
+    with pytest.raises(DataError, match=re.escape(message)):
+        create_method(name, backbone=create_backbone(MINI_BACKBONE, pretrained=False))
 
 
 @pytest.mark.parametrize("binding, message", [
