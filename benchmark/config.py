@@ -9,7 +9,9 @@ import re
 
 import gin
 
+from benchmark.checks import FLAG, Rule, check, integer, number, one_of, optional, tuple_of
 from benchmark.evaluate import DEFAULT_LR_GRID
+from methods.adapters import ADAPTERS
 
 __all__ = ["RunConfig"]
 
@@ -59,16 +61,15 @@ class RunConfig:
     smoke: bool = False
 
     def __post_init__(self):
-        """Refuse values no run can use, naming the binding (``ValueError``: the runner's one-line gin error)."""
-        minimum = dict(pretrain_steps=0, train_episodes=0, valid_every=1, checkpoint_every=1, seed=0,
-                       search_episodes=1, test_episodes=1, workers=0)
-        for name, low in minimum.items():
-            value = getattr(self, name)
-            if value is None and name == "test_episodes":
-                continue
-            if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                raise ValueError(f"run.{name} = {value!r}: give an integer >= {low}")
-        if not self.lr_grid or not all(isinstance(lr, (int, float)) and lr >= 0 for lr in self.lr_grid):
-            raise ValueError(f"run.lr_grid = {self.lr_grid!r}: give a tuple of learning rates >= 0 (0: no fine-tuning)")
-        if self.device != "auto" and not re.fullmatch(r"cpu|cuda(:\d+)?", str(self.device)):
-            raise ValueError(f"run.device = {self.device!r}: give 'auto', 'cpu', 'cuda' or 'cuda:N'")
+        """Refuse values no run can use, naming the binding (`benchmark.checks`)."""
+        check("run", vars(self), RULES)
+
+
+RULES = dict(  # the range of each field of `RunConfig`
+    pretrain_steps=integer(0), train_episodes=integer(0), valid_every=integer(1), checkpoint_every=integer(1),
+    seed=integer(0), adapters=tuple_of(one_of(*ADAPTERS)), lr_grid=tuple_of(number(0)), search_episodes=integer(1),
+    test_episodes=optional(integer(1)), workers=integer(0),
+    device=Rule(lambda v: isinstance(v, str) and re.fullmatch(r"auto|cpu|cuda(:\d+)?", v) is not None,
+                "'auto', 'cpu', 'cuda' or 'cuda:N'"),
+    smoke=FLAG,
+)

@@ -33,6 +33,7 @@ from tqdm import tqdm
 
 import methods
 from benchmark import distributed
+from benchmark.checks import check_bindings
 from benchmark.episodes import BenchmarkData, episode_loader
 from benchmark.files import write_json
 from benchmark.config import RunConfig
@@ -66,7 +67,8 @@ def _resolve_gin_file(path):
 
 
 def parse_config(gin_files, bindings):
-    """Parse ``gin_files`` then ``bindings``; return the `RunConfig`.
+    """Parse ``gin_files`` then ``bindings``; return the `RunConfig`, its values and those bound for the
+    functions a run calls later (`benchmark.checks`) checked.
 
     When they bind no ``run.benchmark``, the mini setup is parsed first and the run says so.
     """
@@ -89,6 +91,7 @@ def parse_config(gin_files, bindings):
         files = [_resolve_gin_file(MINI_SETUP)] + files
     gin.finalize()
     try:
+        check_bindings()
         return RunConfig()
     except (ValueError, TypeError) as err:
         raise DataError(f"gin: {' '.join(str(err).split())}") from None
@@ -429,15 +432,17 @@ def train(run):
 
 def run_bindings(args):
     """The gin bindings of a parsed command line: the ``--bind`` values, then ``--smoke`` and ``--adapt`` as
-    bindings of ``run``. An unknown adapter raises DataError."""
+    bindings of ``run``. An ``--adapt`` naming no adapter, or an unknown one, raises DataError; a name given
+    twice counts once."""
     bindings = list(args.bind)
     if args.smoke:
         bindings.append("run.smoke = True")
-    if args.adapt:
-        names = [a.strip() for a in args.adapt.split(",") if a.strip()]
+    if args.adapt is not None:
+        names = list(dict.fromkeys(a.strip() for a in args.adapt.split(",") if a.strip()))
         unknown = [a for a in names if a not in ADAPTERS]
-        if unknown:
-            raise DataError(f"--adapt {','.join(unknown)}: unknown adapter; choose from {', '.join(ADAPTERS)}")
+        if unknown or not names:
+            what = f"{','.join(unknown)}: unknown adapter" if unknown else f"{args.adapt!r}: names no adapter"
+            raise DataError(f"--adapt {what}; choose from {', '.join(ADAPTERS)}, e.g. --adapt protonet,full")
         bindings.append(f"run.adapters = {tuple(names)!r}")
     return bindings
 

@@ -38,11 +38,11 @@ import hashlib
 import re
 from functools import partial
 
-import gin
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from benchmark.checks import FLAG, configurable, integer, number, optional
 from methods.backbones import compiles, derived, load_parameters, working_copy
 from methods.base import autocast, cosine_logits, forward_features, inference_features, prototypes, support_query_features
 
@@ -132,7 +132,8 @@ def protonet(method, task, lr, generator):
     return method.task_model(task.support_x, task.support_y, task.ways).predict(task.query_x)
 
 
-@gin.configurable("full", module="methods")
+@configurable("full", "methods", steps=integer(0), grad_checkpointing=FLAG, compile_backbone=optional(FLAG),
+              activation_memory_budget=optional(number(0, 1, "(]")))
 def full(method, task, lr, generator, steps=50, grad_checkpointing=False, compile_backbone=None,
          activation_memory_budget=None):
     """Fine-tune every tensor of θ_i for ``steps`` Adam steps on the (augmented) support set.
@@ -237,7 +238,8 @@ class _LoRABackbone:
         return forward_features(self.module, params, x)
 
 
-@gin.configurable("lora", module="methods")
+@configurable("lora", "methods", steps=integer(0), rank=integer(1), alpha=number(0, ends="(]"),
+              dropout=number(0, 1, "[)"))
 def lora(method, task, lr, generator, steps=50, rank=8, alpha=32, dropout=0.1):
     """LoRA on the q and v projections of θ_i (peft), fine-tuned like ``full`` on its own parameters."""
     model = method.task_model(task.support_x, task.support_y, task.ways)
@@ -257,7 +259,7 @@ def lora(method, task, lr, generator, steps=50, rank=8, alpha=32, dropout=0.1):
     return _predict(features_of, task, model.scale, model.bias)
 
 
-@gin.configurable("gradient_free", module="methods")
+@configurable("gradient_free", "methods", rounds=integer(0), accept_probability=number(0, 1))
 def gradient_free(method, task, lr, generator, rounds=6, accept_probability=0.9):
     """SMAT's Alg. 2: binary expert selection by support loss, forward passes only (lr is unused).
 
@@ -298,7 +300,7 @@ def gradient_free(method, task, lr, generator, rounds=6, accept_probability=0.9)
         return _predict(partial(inference_features, method.backbone, params_of(best)), task, 10.0, 0.0)
 
 
-@gin.configurable("full_joint", module="methods")
+@configurable("full_joint", "methods", steps=integer(0))
 def full_joint(method, task, lr, generator, steps=50):
     """Fine-tune SMAT's hypernetwork, δ and mask logits jointly on the support set (θ_pre frozen)."""
     if lr == 0 or steps == 0:

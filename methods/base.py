@@ -22,13 +22,13 @@ import copy
 from contextlib import nullcontext
 from dataclasses import dataclass
 
-import gin
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from timm.scheduler import CosineLRScheduler
 from torch.func import functional_call
 
+from benchmark.checks import FLAG, check, configurable, integer, number, optional
 from benchmark.distributed import gather_objects, sum_gradients
 from methods.backbones import compiled_functional, compiles, load_parameters, working_copy
 
@@ -60,7 +60,7 @@ def autocast(device):
     return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
 
 
-@gin.configurable("differentiable", module="methods")
+@configurable("differentiable", "methods", compile_backbone=optional(FLAG))
 def forward_features(backbone, params, x, compile_backbone=False):
     """CLS features of ``x`` under parameters ``params`` (a name -> tensor dict) of ``backbone``, in fp32,
     with gradients into ``params``: the forward pass of meta-training and of fine-tuning through θ_i.
@@ -75,7 +75,7 @@ def forward_features(backbone, params, x, compile_backbone=False):
     return functional_call(backbone, params, (x,)).float()
 
 
-@gin.configurable("inference", module="methods")
+@configurable("inference", "methods", compile_backbone=optional(FLAG))
 def inference_features(backbone, params, x, compile_backbone=None):
     """`forward_features` without gradient, under `autocast`: the forward pass of prediction and routing.
 
@@ -163,6 +163,9 @@ class TaskModel:
         return self.logits(x).argmax(-1)
 
 
+RULES = dict(tasks_per_step=integer(1), warmup_fraction=number(0, 1), min_lr=number(0))  # of `Method`'s arguments
+
+
 class Method(nn.Module):
     """Base class of every method. See the module docstring for the contract.
 
@@ -177,6 +180,7 @@ class Method(nn.Module):
     trains = True  # False: no meta-training (the runner skips it)
 
     def __init__(self, backbone, tasks_per_step=1, warmup_fraction=0.05, min_lr=1e-6):
+        check(self.name, locals(), RULES)
         super().__init__()
         self.backbone = backbone
         self.tasks_per_step = tasks_per_step

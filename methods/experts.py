@@ -31,10 +31,10 @@ evaluation masks that SMAT constrains to be at least τ.
 import functools
 import math
 
-import gin
 import torch
 import torch.nn as nn
 
+from benchmark.checks import FLAG, configurable, optional
 from methods.backbones import compiles
 
 __all__ = ["ParameterLayout", "HardConcreteMasks", "ExpertDeltas", "StepExperts", "expert_parameter_names",
@@ -75,7 +75,7 @@ class ParameterLayout:
         return [part.view(*shape, *trailing) for part, shape in zip(flat.split(self.sizes), self.shapes)]
 
 
-@gin.configurable("hard_concrete", module="methods")
+@configurable("hard_concrete", "methods", compile_gates=optional(FLAG))
 def hard_concrete(log_alpha, training, compile_gates=None):
     """Hard-concrete gates z of locations ``log_alpha`` (any shape): noisy in training, deterministic otherwise.
 

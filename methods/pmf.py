@@ -16,9 +16,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from benchmark.checks import check, number
 from methods._registry import register_method
 from methods.base import (Method, TaskModel, cosine_logits, forward_features, prototypes, query_metrics,
                           support_query_features)
+
+
+RULES = dict(lr=number(0), momentum=number(0, 1, "[)"))  # of `PMF`'s own arguments (`Method` checks the rest)
 
 
 @register_method("pmf")
@@ -33,6 +37,7 @@ class PMF(Method):
     """
 
     def __init__(self, backbone, lr=5e-4, momentum=0.9, tasks_per_step=8, warmup_fraction=0.05, min_lr=1e-6):
+        check(self.name, locals(), RULES)
         super().__init__(backbone, tasks_per_step, warmup_fraction, min_lr)
         self.lr, self.momentum = lr, momentum
         self.scale = nn.Parameter(torch.tensor(10.0))

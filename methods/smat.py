@@ -35,11 +35,11 @@ Ablations of Table 2 are data, `VARIANTS`: each is a set of constructor override
 
 from functools import partial
 
-import gin
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from benchmark.checks import FLAG, check, configurable, integer, number, one_of, optional
 from methods._registry import register_method
 from methods.backbones import grad_keeping_graph
 from methods.base import (Method, TaskModel, cosine_logits, forward_features, inference_features, prototypes,
@@ -57,6 +57,17 @@ VARIANTS = {  # Table 2 rows 1–5 (row 6 is PMF)
     "mlp_experts": dict(learned_sparsity=False, interpolated_experts=False),  # row 5: fixed MLP experts
 }
 SWITCHES = ("learned_sparsity", "interpolated_experts", "meta_split", "dense_teacher")  # Table 2's components
+RULES = dict(  # of `SMAT`'s own arguments (`Method` checks the rest)
+    variant=one_of(*VARIANTS), num_experts=integer(1), target_sparsity=number(0, 1, "[)"), ce_weight=number(0, 1),
+    kd_temperature=number(0, ends="(]"), teacher_steps=integer(0), teacher_lr=number(0),
+    support_step_lr=optional(number(0)), **dict.fromkeys(SWITCHES, FLAG), delta_lr=number(0),
+    delta_momentum=number(0, 1, "[)"), delta_weight_decay=number(0), mask_lr=number(0),
+    mask_clip=optional(number(0, ends="(]")), lagrangian_lr=number(0), router_lr=number(0),
+    router_weight_decay=number(0), router_clip=optional(number(0, ends="(]")),
+    temperature_start=number(0, ends="(]"), temperature_end=number(0, ends="(]"),
+    temperature_anneal_fraction=number(0, 1), mask_init_std=number(0), routing_logit_l2=number(0),
+    sparsity_measure=one_of("l0", "expected"),
+)
 
 
 def variant_of(switches):
@@ -69,7 +80,7 @@ def variant_of(switches):
     return "+".join(f"no_{switch}" for switch in SWITCHES if not switches[switch])
 
 
-@gin.configurable("dense_teacher", module="methods")
+@configurable("dense_teacher", "methods", reuse_query_pass=FLAG)
 def teacher_reuses_query_pass(reuse_query_pass=False):
     """The fast-path switch ``dense_teacher.reuse_query_pass``: True, the student passes the support and
     the query separately and the dense teacher's first step goes back through the student's query pass
@@ -133,8 +144,7 @@ class SMAT(Method):
                  router_weight_decay=1e-2, router_clip=1.0, temperature_start=5.0, temperature_end=0.5,
                  temperature_anneal_fraction=0.36, mask_init_std=0.5, routing_logit_l2=1e-4, sparsity_measure="l0",
                  tasks_per_step=4, warmup_fraction=0.2, min_lr=1e-6):
-        if variant not in VARIANTS:
-            raise ValueError(f"smat variant {variant!r}: choose one of {', '.join(VARIANTS)}")
+        check(self.name, locals(), RULES)
         super().__init__(backbone, tasks_per_step, warmup_fraction, min_lr)
         settings = {**locals(), **VARIANTS[variant]}
         settings["variant"] = variant_of({switch: settings[switch] for switch in SWITCHES})

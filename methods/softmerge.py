@@ -20,11 +20,19 @@ from functools import partial
 import torch
 import torch.nn.functional as F
 
+from benchmark.checks import check, integer, number, optional
 from methods._registry import register_method
 from methods.base import (Method, TaskModel, cosine_logits, forward_features, inference_features, prototypes,
                           query_metrics, support_query_features)
 from methods.experts import ExpertDeltas, expert_parameter_names
 from methods.router import PrototypeRouter
+
+
+RULES = dict(  # of `SoftMerge`'s own arguments (`Method` checks the rest)
+    num_experts=integer(1), expert_dropout=number(0, 1, "[)"), delta_lr=number(0), delta_momentum=number(0, 1, "[)"),
+    delta_weight_decay=number(0), router_lr=number(0), router_weight_decay=number(0),
+    router_clip=optional(number(0, ends="(]")),
+)
 
 
 @register_method("softmerge")
@@ -43,6 +51,7 @@ class SoftMerge(Method):
     def __init__(self, backbone, num_experts=8, expert_dropout=0.1, delta_lr=1e-4, delta_momentum=0.9,
                  delta_weight_decay=1e-4, router_lr=1e-4, router_weight_decay=1e-2, router_clip=1.0,
                  tasks_per_step=4, warmup_fraction=0.2, min_lr=1e-6):
+        check(self.name, locals(), RULES)
         super().__init__(backbone, tasks_per_step, warmup_fraction, min_lr)
         self.expert_dropout = expert_dropout
         self.delta_lr, self.delta_momentum, self.delta_weight_decay = delta_lr, delta_momentum, delta_weight_decay

@@ -146,6 +146,15 @@ def test_bad_input_exits_2_with_one_line(tmp_path, mini_root):
         (["--gin", "methods/smat.gin", "--bind", "smat.num_expert = 4"], "gin:"),
         (["--gin", "benchmark/setups/md_paper.gin", "--gin", "methods/pre.gin"], "SMAT_BENCH_RECORDS"),
         (["--gin", "methods/smat.gin", "--adapt", "fine"], "unknown adapter"),
+        (["--gin", "methods/smat.gin", "--adapt", "protonet,fine"], "--adapt fine: unknown adapter"),
+        (["--gin", "methods/smat.gin", "--adapt", ",,,"], "--adapt ',,,': names no adapter; choose from protonet"),
+        (["--gin", "methods/smat.gin", "--bind", "run.adapters = ()"], "run.adapters = (): give a non-empty tuple"),
+        (["--gin", "methods/smat.gin", "--bind", "smat.num_experts = 'x'"], "smat.num_experts = 'x': give an integer"),
+        (["--gin", "methods/smat.gin", "--bind", "smat.num_experts = 0"], "smat.num_experts = 0: give an integer >= 1"),
+        (["--gin", "methods/smat.gin", "--bind", "smat.target_sparsity = 'high'"],  # once checked in training
+         "smat.target_sparsity = 'high': give a number in [0, 1)"),
+        (["--gin", "methods/smat.gin", "--bind", "smat.tasks_per_step = 0"], "smat.tasks_per_step = 0: give an integer"),
+        (["--gin", "methods/smat.gin", "--bind", "lora.rank = 0"], "lora.rank = 0: give an integer >= 1"),
         (["--gin", "methods/pmf.gin", "--adapt", "gradient_free"], "needs SMAT's experts"),  # before meta-training
         (["--gin", "methods/pmf.gin", "--stage", "train", "--checkpoint", "x.pt"], "not to train from"),
         (["--gin", "methods/pre.gin", "--bind", "run.device = 'cuda:7'"], "run.device = 'cuda:7': this machine has"),

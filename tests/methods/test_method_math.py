@@ -250,7 +250,7 @@ def test_variants_switch_the_documented_components(backbone):
     assert mlp.masks is None and not mlp.deltas.shared
     assert all(".mlp.fc" in n for n in mlp.deltas.names)
     assert create_method("smat", backbone=create_backbone(MINI_BACKBONE, pretrained=False), variant="no_dense_teacher").dense_teacher is False
-    with pytest.raises(ValueError, match="choose one of default"):
+    with pytest.raises(ValueError, match="smat.variant = 'no_such_row': give one of 'default'"):
         create_method("smat", backbone=backbone, variant="no_such_row")
 
 
