@@ -34,11 +34,11 @@ from tqdm import tqdm
 import methods
 from benchmark import distributed
 from benchmark.episodes import BenchmarkData, episode_loader
-from benchmark.files import write_json
+from benchmark.files import append_line, write_failed, write_json, write_text
 from benchmark.config import RunConfig
 from benchmark.evaluate import evaluate
 from benchmark.pretrain import pretrained_weights
-from benchmark.results import ResultsStore
+from benchmark.results import ResultsStore, read_jsonl
 from methods import Task, create_backbone, create_method
 from methods.adapters import ADAPTERS, get_adapter
 from registry.catalog import get_benchmark
@@ -255,16 +255,18 @@ def _claim(run, config_file):
             )
         return
     run.directory.mkdir(parents=True, exist_ok=True)
-    tmp = config_file.with_name(".config.gin.tmp")
-    tmp.write_text(run.config_text)
-    os.replace(tmp, config_file)
+    write_text(config_file, run.config_text)
 
 
 # --- checkpoints ---------------------------------------------------------------------------------------
 
 
 def save_checkpoint(path, run, step, best_valid, with_training_state=True):
-    """Atomically write the method and (optionally) everything needed to continue training."""
+    """Atomically write the method and (optionally) everything needed to continue training.
+
+    Raises:
+        DataError: the write failed (e.g. a full disk); the checkpoint before it is kept, no temporary file.
+    """
     state = dict(format=CHECKPOINT_FORMAT, method=run.config.method, variant=run.variant, config_hash=run.config_hash,
                  code_version=code_version(), processes=distributed.world_size(), step=step, best_valid=best_valid,
                  model=run.method.state_dict())
@@ -276,8 +278,13 @@ def save_checkpoint(path, run, step, best_valid, with_training_state=True):
         return
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    try:
+        torch.save(state, tmp)
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as err:  # torch.save reports a failed write as a RuntimeError
+        raise write_failed(path, err) from None
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def read_checkpoint(path, mmap=False):
@@ -326,20 +333,19 @@ def _processes_before_they_were_recorded(state, path):
 
 
 class MetricsLog:
-    """``metrics.jsonl``: one JSON line per meta-update or validation; rows past a resumed step are dropped."""
+    """``metrics.jsonl``: one JSON line per meta-update or validation; rows past a resumed step are dropped,
+    and so is a torn last line (a kill in the middle of a write), as in ``episodes.jsonl``."""
 
     def __init__(self, path, keep_until_step):
         self.path = path
-        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
-        kept = [r for r in rows if r["step"] <= keep_until_step]
+        fix = "delete that line (a metrics row; the run goes on without it)"
+        rows = [row for _, row in read_jsonl(path, fix, repair=True)]
+        kept = [r for r in rows if r.get("step", math.inf) <= keep_until_step]
         if len(kept) != len(rows):
-            tmp = path.with_name(f".{path.name}.tmp")
-            tmp.write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in kept))
-            os.replace(tmp, path)
+            write_text(path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in kept))
 
     def write(self, row):
-        with open(self.path, "a") as f:
-            f.write(json.dumps(row, sort_keys=True) + "\n")
+        append_line(self.path, json.dumps(row, sort_keys=True))
 
 
 def validate(run, episodes_per_source):

@@ -316,3 +316,98 @@ def two_processes(*args, port, timeout=600):
                               env={**env, "RANK": str(r), "LOCAL_RANK": str(r)}, stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True) for r in range(2)]
     return procs, [p.communicate(timeout=timeout) for p in procs]
+
+
+# --- the run directory: one process, one run, its inputs, its files ------------------------------------------------
+
+PRE_SMOKE = ["--gin", "methods/pre.gin", "--smoke"]
+
+
+def last_error(capsys):
+    return capsys.readouterr().err.strip().splitlines()[-1]
+
+
+def test_a_corrupt_result_row_is_one_line_naming_file_and_line(tmp_path, mini_root, capsys):
+    run = tmp_path / "run"
+    main([*PRE_SMOKE, "--out", str(run)])
+    episodes = run / "episodes.jsonl"
+    lines = episodes.read_text().splitlines(keepends=True)
+    lines[2] = lines[2][: len(lines[2]) // 2] + "\n"  # e.g. two writers interleaved
+    episodes.write_text("".join(lines))
+    with pytest.raises(SystemExit) as exit_info:
+        main([*PRE_SMOKE, "--out", str(run)])
+    err = last_error(capsys)
+    assert exit_info.value.code == 2 and f"{episodes}:3: not a JSON object" in err and "delete that line" in err
+    assert episodes.read_text() == "".join(lines)
+
+
+def test_a_torn_last_metrics_line_is_cut_off_like_a_torn_row(tmp_path, mini_root):
+    run = tmp_path / "run"
+    args = ["--gin", "methods/pmf.gin", "--smoke", "--stage", "train", "--out", str(run)]
+    main(args)
+    last, metrics = run / "checkpoints" / "last.pt", run / "metrics.jsonl"
+    whole = metrics.read_text()
+    torch.save({**torch.load(last, weights_only=True), "step": 1}, last)  # killed after update 1...
+    metrics.write_text("".join(whole.splitlines(keepends=True)[:1]) + '{"kind": "train", "st')  # ...writing update 2
+    main(args)
+    steps = [json.loads(line)["step"] for line in metrics.read_text().splitlines()]
+    assert steps == [json.loads(line)["step"] for line in whole.splitlines()]
+
+
+def enospc(name, after):
+    """An ``os.write`` that writes ``after`` lines to the file ``name``, then part of one and fails: a disk filling up."""
+    import errno
+
+    real, written = os.write, []
+
+    def write(fd, data):
+        if not os.readlink(f"/proc/self/fd/{fd}").endswith(name):
+            return real(fd, data)
+        if len(written) == after:
+            real(fd, bytes(data[:10]))
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        written.append(1)
+        return real(fd, data)
+
+    return write
+
+
+def test_a_full_disk_while_writing_a_row_keeps_every_row_before_it(tmp_path, mini_root, monkeypatch, capsys):
+    import benchmark.files
+
+    run = tmp_path / "run"
+    monkeypatch.setattr(benchmark.files.os, "write", enospc("episodes.jsonl", after=5))
+    with pytest.raises(SystemExit) as exit_info:
+        main([*PRE_SMOKE, "--out", str(run)])
+    err = last_error(capsys)
+    assert exit_info.value.code == 2 and f"{run / 'episodes.jsonl'}: cannot write it (No space left on device)" in err
+    assert len(rows(run)) == 5 and (run / "episodes.jsonl").read_text().endswith("\n")
+    monkeypatch.undo()
+    main([*PRE_SMOKE, "--out", str(run)])
+    assert len(rows(run)) == 6 * 2
+
+
+def test_a_full_disk_while_writing_a_checkpoint_keeps_the_one_before(tmp_path, mini_root, monkeypatch, capsys):
+    import errno
+
+    import benchmark.run
+
+    run, real, saved = tmp_path / "run", torch.save, []
+
+    def save(state, path):
+        if saved:  # best.pt is written, then last.pt fails half-way
+            Path(path).write_bytes(b"part of a checkpoint")
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        saved.append(path)
+        real(state, path)
+
+    monkeypatch.setattr(benchmark.run.torch, "save", save)
+    args = ["--gin", "methods/pmf.gin", "--smoke", "--stage", "train", "--out", str(run)]
+    with pytest.raises(SystemExit) as exit_info:
+        main(args)
+    last = run / "checkpoints" / "last.pt"
+    assert exit_info.value.code == 2 and f"{last}: cannot write it (No space left on device)" in last_error(capsys)
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["best.pt"]
+    monkeypatch.undo()
+    main(args)
+    assert torch.load(last, weights_only=True)["step"] == 2
