@@ -3,7 +3,9 @@
 Rows are appended as episodes finish, each in one ``write`` followed by fsync, so an interrupted run
 loses at most the episode in flight, and a failed write (a full disk) leaves no part of a row. On
 opening, a torn last line (a kill in the middle of a write) is cut off, and the keys of the rows already
-there are loaded so that a resumed evaluation skips them: no row is ever written twice.
+there are loaded so that a resumed evaluation skips them: no row is ever written twice, and a reader
+(`read_rows`) counts each episode once even in a file two processes once wrote to. A row is keyed by
+its run id and config hash too: a store opened for a run refuses the rows of another run or config.
 """
 
 import json
@@ -13,17 +15,19 @@ from pathlib import Path
 from benchmark.files import append_line
 from registry.errors import DataError
 
-__all__ = ["ResultsStore", "ROW_KEYS", "row_key", "read_jsonl", "mean_ci"]
+__all__ = ["ResultsStore", "ROW_KEYS", "row_key", "read_jsonl", "read_rows", "mean_ci"]
 
 ROW_KEYS = (
     "run_id", "method", "variant", "adaptation", "backbone", "benchmark", "source", "role", "split", "seed",
     "episode", "ways", "support", "query", "accuracy", "seconds", "peak_memory_mib", "config_hash", "code_version",
 )
+KEY_FIELDS = ("run_id", "config_hash", "adaptation", "source", "split", "seed", "episode")
 
 
 def row_key(row):
-    """What identifies a row within a run: (adaptation, source, split, seed, episode)."""
-    return (row["adaptation"], row["source"], row["split"], int(row["seed"]), int(row["episode"]))
+    """What identifies a row: (run_id, config_hash, adaptation, source, split, seed, episode)."""
+    return (row["run_id"], row["config_hash"], row["adaptation"], row["source"], row["split"], int(row["seed"]),
+            int(row["episode"]))
 
 
 def read_jsonl(path, fix, repair=False):
@@ -58,6 +62,36 @@ def read_jsonl(path, fix, repair=False):
     return numbered
 
 
+def read_rows(path, run=None, repair=False):
+    """The rows of the ``episodes.jsonl`` at ``path``, each episode once (its first row; `row_key`).
+
+    Args:
+        run: {"run_id", "config_hash"} of the run the file belongs to; a row of another is refused.
+        repair: cut a torn last line off the file (`read_jsonl`); only its writer may.
+
+    Raises:
+        DataError: naming ``path:line``: a line that is not a JSON object, a row without the keys that
+            identify it, or a row of another run or config.
+    """
+    fix = "delete that line (its episode is evaluated again when the run resumes)"
+    rows, keys = [], set()
+    for number, row in read_jsonl(path, fix, repair):
+        missing = [k for k in KEY_FIELDS if k not in row]
+        if missing:
+            raise DataError(f"{path}:{number}: a result row without {', '.join(missing)}; {fix}")
+        if run is not None and (row["run_id"], row["config_hash"]) != (run["run_id"], run["config_hash"]):
+            raise DataError(
+                f"{path}:{number}: a row of run {row['run_id']} (config hash {str(row['config_hash'])[:10]}), "
+                f"not of this run {run['run_id']} (config hash {run['config_hash'][:10]}); a run directory holds "
+                "the rows of one run: move that file away, or choose another --out"
+            )
+        key = row_key(row)
+        if key not in keys:
+            keys.add(key)
+            rows.append(row)
+    return rows
+
+
 def mean_ci(values):
     """(mean, 95% CI half-width) with CI = 1.96 · std / √n and std with ddof = 0."""
     n = len(values)
@@ -71,13 +105,13 @@ class ResultsStore:
 
     Args:
         path: the ``episodes.jsonl`` file (created with its directory if missing).
+        run: {"run_id", "config_hash"} of the run that owns it: rows of another are refused (`read_rows`).
     """
 
-    def __init__(self, path):
+    def __init__(self, path, run=None):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        fix = "delete that line (its episode is evaluated again when the run resumes)"
-        self.rows = [row for _, row in read_jsonl(self.path, fix, repair=True)]
+        self.rows = read_rows(self.path, run, repair=True)
         self._keys = {row_key(r) for r in self.rows}
 
     def __contains__(self, key):

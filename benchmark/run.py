@@ -8,15 +8,18 @@ Configuration is gin: the files, then the bindings, then the locked config. With
 runs. After the method, the benchmark and the backbone are built, the operative config is written
 to ``RUN_DIR/config.gin``; its SHA-256 is the run's ``config_hash`` and names the default run
 directory. The same command on an existing run directory resumes it (training from the last
-checkpoint, evaluation from the first missing episode); a run directory made with another operative
-config is refused.
+checkpoint, evaluation from the first missing episode). Refused: a run directory made with another
+operative config, one that holds files but no ``config.gin`` (not made by a run), one another process
+is running in (its lock names it, `benchmark.rundir`).
 
 A run directory holds ``config.gin``, ``metrics.jsonl`` (one line per meta-update and per validation),
 ``checkpoints/last.pt`` (everything needed to continue) and ``checkpoints/best.pt`` (the weights with
-the best mean validation accuracy), ``lr_search.json`` and ``episodes.jsonl`` (contract C3).
+the best mean validation accuracy), ``lr_search.json``, ``episodes.jsonl`` (contract C3),
+and ``.run.lock`` (held by the process running in it).
 """
 
 import argparse
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -32,7 +35,7 @@ import torch
 from tqdm import tqdm
 
 import methods
-from benchmark import distributed
+from benchmark import distributed, rundir
 from benchmark.episodes import BenchmarkData, episode_loader
 from benchmark.files import append_line, write_failed, write_json, write_text
 from benchmark.config import RunConfig
@@ -230,32 +233,45 @@ def _later_bindings():
     return "\n".join(["", header, *lines, ""]) if lines else ""
 
 
-def claim_directory(run):
-    """Create the run directory, or check that an existing one was made by the same operative config.
+@contextlib.contextmanager
+def claimed(run):
+    """Hold the run directory for the block: create it, or check that an existing one was made by the same
+    operative config; take its lock (`benchmark.rundir`).
 
-    Rank 0 claims; a refusal is raised by every rank (the others would otherwise wait for it at the
-    next collective)."""
-    refusal = None
-    if distributed.is_main():
-        try:
-            _claim(run, run.directory / "config.gin")
-        except (DataError, OSError) as err:
-            refusal = str(err)
-    refusal = distributed.gather_objects(refusal)[0]
-    if refusal is not None:
-        raise DataError(refusal)
+    Rank 0 claims and holds the lock for the whole run (the other ranks write nothing there); a refusal
+    is raised by every rank (the others would otherwise wait for it at the next collective)."""
+    with contextlib.ExitStack() as held:
+        refusal = None
+        if distributed.is_main():
+            try:
+                _claim(run, held)
+            except (DataError, OSError) as err:
+                refusal = str(err)
+        refusal = distributed.gather_objects(refusal)[0]
+        if refusal is not None:
+            raise DataError(refusal)
+        yield
 
 
-def _claim(run, config_file):
+def _claim(run, held):
+    config_file = run.directory / "config.gin"
     if config_file.exists():
         if config_file.read_text() != run.config_text:
             raise DataError(
                 f"{run.directory} holds a run with another operative config ({config_file}); choose another --out "
                 "or use the same --gin files and --bind values to resume it"
             )
-        return
-    run.directory.mkdir(parents=True, exist_ok=True)
-    write_text(config_file, run.config_text)
+    elif run.directory.exists():
+        foreign = sorted(p.name for p in run.directory.iterdir() if p.name not in (rundir.LOCK, ".config.gin.tmp"))
+        if foreign:
+            raise DataError(
+                f"{run.directory} holds {', '.join(foreign[:3])}{' ...' if len(foreign) > 3 else ''} but no config.gin: "
+                "not a directory this run made (or its config.gin was removed), and its files would be taken for "
+                "this run's; choose another --out"
+            )
+    held.enter_context(rundir.locked(run.directory))
+    if not config_file.exists():
+        write_text(config_file, run.config_text)
 
 
 # --- checkpoints ---------------------------------------------------------------------------------------
@@ -464,39 +480,47 @@ def execute(args):
             f"{config.method}.tasks_per_step = {job.method.tasks_per_step} cannot be split over "
             f"{distributed.world_size()} processes for meta-training; bind it to a multiple of the process count"
         )
-    claim_directory(job)
-    print(f"run in {job.directory} on {_device_name(job.device)}", file=sys.stderr)
-    if trains:
-        checkpoint = train(job)
-    if args.stage in ("eval", "all"):
-        if checkpoint is not None:
-            load_checkpoint(checkpoint, job)
-        elif job.method.trains:
-            best = job.directory / "checkpoints" / "best.pt"
-            if not best.exists():
-                raise DataError(f"{job.directory}: no checkpoint to evaluate; run --stage train first or pass --checkpoint")
-            if done < total:
-                raise DataError(
-                    f"{job.directory}: meta-training stopped at update {done} of {total}, so its rows would not be "
-                    "those of the trained model; finish it (the same command with --stage all), or evaluate a "
-                    f"checkpoint as a run of its own with --checkpoint {best}"
-                )
-            load_checkpoint(best, job)
-        store = ResultsStore(job.directory / "episodes.jsonl")
-        smoke = config.smoke
-        summary = evaluate(
-            job.method, job.data, config.adapters, store, job.row_info(), device=job.device,
-            lr_grid=SMOKE["lr_grid"] if smoke else config.lr_grid,
-            search_episodes=SMOKE["search_episodes"] if smoke else config.search_episodes,
-            num_episodes=SMOKE["test_episodes"] if smoke else config.test_episodes,
-            workers=config.workers, lr_cache=job.directory / "lr_search.json",
-        )
+    with claimed(job):
+        print(f"run in {job.directory} on {_device_name(job.device)}", file=sys.stderr)
+        if trains:
+            checkpoint = train(job)
+        if args.stage in ("eval", "all"):
+            _evaluate(job, checkpoint, done, total)
         if distributed.is_main():
-            _print_summary(job, summary)
-    if distributed.is_main():
-        write_report(job)
-    distributed.barrier()
+            write_report(job)
+        distributed.barrier()
     return job.directory
+
+
+def _evaluate(job, checkpoint, done, total):
+    """Meta-test ``checkpoint`` (else the run's ``best.pt``, or the untrained method) into ``episodes.jsonl``
+    and print the summary; ``done`` of ``total`` meta-updates were trained when the command started."""
+    config = job.config
+    if checkpoint is not None:
+        load_checkpoint(checkpoint, job)
+    elif job.method.trains:
+        best = job.directory / "checkpoints" / "best.pt"
+        if not best.exists():
+            raise DataError(f"{job.directory}: no checkpoint to evaluate; run --stage train first or pass --checkpoint")
+        if done < total:
+            raise DataError(
+                f"{job.directory}: meta-training stopped at update {done} of {total}, so its rows would not be "
+                "those of the trained model; finish it (the same command with --stage all), or evaluate a "
+                f"checkpoint as a run of its own with --checkpoint {best}"
+            )
+        load_checkpoint(best, job)
+    info = job.row_info()
+    store = ResultsStore(job.directory / "episodes.jsonl", run=info)
+    smoke = config.smoke
+    summary = evaluate(
+        job.method, job.data, config.adapters, store, info, device=job.device,
+        lr_grid=SMOKE["lr_grid"] if smoke else config.lr_grid,
+        search_episodes=SMOKE["search_episodes"] if smoke else config.search_episodes,
+        num_episodes=SMOKE["test_episodes"] if smoke else config.test_episodes,
+        workers=config.workers, lr_cache=job.directory / "lr_search.json",
+    )
+    if distributed.is_main():
+        _print_summary(job, summary)
 
 
 def write_report(job):

@@ -327,6 +327,58 @@ def last_error(capsys):
     return capsys.readouterr().err.strip().splitlines()[-1]
 
 
+def test_a_run_directory_held_by_a_process_is_refused_naming_it(tmp_path, mini_root, capsys):
+    from benchmark.rundir import locked
+
+    run = tmp_path / "run"
+    main([*PRE_SMOKE, "--out", str(run)])
+    before = (run / "episodes.jsonl").read_bytes()
+    with locked(run):  # as another process running in it would hold it
+        with pytest.raises(SystemExit) as exit_info:
+            main([*PRE_SMOKE, "--out", str(run)])
+    err = last_error(capsys)
+    assert exit_info.value.code == 2 and f"{run} is in use by pid {os.getpid()} on host" in err and "since" in err
+    assert (run / "episodes.jsonl").read_bytes() == before
+    main([*PRE_SMOKE, "--out", str(run)])  # the lock went with its holder
+    assert (run / "episodes.jsonl").read_bytes() == before
+
+
+def test_readers_count_each_episode_once(tmp_path, mini_root, capsys):
+    """Two processes on one run directory (before it had a lock) wrote every row twice: the printed summary and
+    ``slurm.sweep --status`` count each episode once, and a resumed run writes none again."""
+    from slurm.sweep import _rows
+
+    run = tmp_path / "run"
+    main([*PRE_SMOKE, "--out", str(run)])
+    episodes = run / "episodes.jsonl"
+    episodes.write_text(episodes.read_text() * 2)
+    doubled = episodes.read_text()
+    capsys.readouterr()
+    main([*PRE_SMOKE, "--out", str(run)])
+    summary = capsys.readouterr().out
+    assert "(n=2)" in summary and "(n=4)" not in summary
+    assert episodes.read_text() == doubled and _rows(run) == 6 * 2
+
+
+def test_a_directory_a_run_did_not_make_is_refused(tmp_path, mini_root, capsys):
+    """Rows without a config.gin are not adopted; rows of another run or config in a run directory are refused."""
+    other, pre = tmp_path / "other", tmp_path / "pre"
+    main([*PRE_SMOKE, "--bind", "run.seed = 1", "--out", str(other)])  # another config
+    (other / "config.gin").unlink()
+    with pytest.raises(SystemExit) as exit_info:
+        main([*PRE_SMOKE, "--out", str(other)])
+    assert exit_info.value.code == 2 and "but no config.gin" in last_error(capsys)
+    assert not (other / "config.gin").exists()
+    main([*PRE_SMOKE, "--out", str(pre)])
+    theirs = (other / "episodes.jsonl").read_text()
+    (pre / "episodes.jsonl").write_text(theirs)
+    with pytest.raises(SystemExit) as exit_info:
+        main([*PRE_SMOKE, "--out", str(pre)])
+    err = last_error(capsys)
+    assert exit_info.value.code == 2 and f"{pre / 'episodes.jsonl'}:1: a row of run pre-" in err and "not of this run" in err
+    assert (pre / "episodes.jsonl").read_text() == theirs
+
+
 def test_a_corrupt_result_row_is_one_line_naming_file_and_line(tmp_path, mini_root, capsys):
     run = tmp_path / "run"
     main([*PRE_SMOKE, "--out", str(run)])
