@@ -10,12 +10,14 @@ to ``RUN_DIR/config.gin``; its SHA-256 is the run's ``config_hash`` and names th
 directory. The same command on an existing run directory resumes it (training from the last
 checkpoint, evaluation from the first missing episode). Refused: a run directory made with another
 operative config, one that holds files but no ``config.gin`` (not made by a run), one another process
-is running in (its lock names it, `benchmark.rundir`).
+is running in (its lock names it), and one whose records or checkpoints changed since they were
+recorded (`benchmark.rundir`).
 
 A run directory holds ``config.gin``, ``metrics.jsonl`` (one line per meta-update and per validation),
 ``checkpoints/last.pt`` (everything needed to continue) and ``checkpoints/best.pt`` (the weights with
 the best mean validation accuracy), ``lr_search.json``, ``episodes.jsonl`` (contract C3),
-and ``.run.lock`` (held by the process running in it).
+``fingerprints.json`` (the SHA-256 of the sources' specs and records and of the checkpoints) and
+``.run.lock`` (held by the process running in it).
 """
 
 import argparse
@@ -213,8 +215,7 @@ def build(config, out=None, checkpoint=None):
 
 def _file_sha256(path):
     try:
-        with open(path, "rb") as f:
-            return hashlib.file_digest(f, "sha256").hexdigest()
+        return rundir.file_sha256(path)
     except FileNotFoundError:
         raise DataError(f"--checkpoint {path}: no such file") from None
 
@@ -236,7 +237,7 @@ def _later_bindings():
 @contextlib.contextmanager
 def claimed(run):
     """Hold the run directory for the block: create it, or check that an existing one was made by the same
-    operative config; take its lock (`benchmark.rundir`).
+    operative config; take its lock; record or check its records and checkpoints (`benchmark.rundir`).
 
     Rank 0 claims and holds the lock for the whole run (the other ranks write nothing there); a refusal
     is raised by every rank (the others would otherwise wait for it at the next collective)."""
@@ -272,13 +273,16 @@ def _claim(run, held):
     held.enter_context(rundir.locked(run.directory))
     if not config_file.exists():
         write_text(config_file, run.config_text)
+    rundir.check_records(run.directory, run.data)
+    rundir.check_checkpoints(run.directory)
 
 
 # --- checkpoints ---------------------------------------------------------------------------------------
 
 
 def save_checkpoint(path, run, step, best_valid, with_training_state=True):
-    """Atomically write the method and (optionally) everything needed to continue training.
+    """Atomically write the method and (optionally) everything needed to continue training; its SHA-256 is
+    recorded in the run (`benchmark.rundir.replace_checkpoint`).
 
     Raises:
         DataError: the write failed (e.g. a full disk); the checkpoint before it is kept, no temporary file.
@@ -296,7 +300,7 @@ def save_checkpoint(path, run, step, best_valid, with_training_state=True):
     tmp = path.with_name(f".{path.name}.tmp")
     try:
         torch.save(state, tmp)
-        os.replace(tmp, path)
+        rundir.replace_checkpoint(run.directory, tmp, path)
     except (OSError, RuntimeError) as err:  # torch.save reports a failed write as a RuntimeError
         raise write_failed(path, err) from None
     finally:

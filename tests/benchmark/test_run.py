@@ -25,6 +25,15 @@ def rows(run_dir):
     return [json.loads(line) for line in (Path(run_dir) / "episodes.jsonl").read_text().splitlines()]
 
 
+def rewrite_checkpoint(path, state):
+    """Replace a run's checkpoint with ``state`` as the run itself would (its SHA-256 recorded in the run)."""
+    from benchmark.rundir import replace_checkpoint
+
+    tmp = path.with_name(f".{path.name}.tmp")
+    torch.save(state, tmp)
+    replace_checkpoint(path.parent.parent, tmp, path)
+
+
 @pytest.mark.parametrize("gin_file", METHOD_GINS)
 def test_every_method_gin_file_runs_as_a_smoke_job_on_the_mini_benchmark(gin_file, tmp_path, mini_root, capsys):
     main(["--gin", gin_file, "--smoke", "--out", str(tmp_path / "run")])
@@ -191,7 +200,7 @@ def test_evaluating_an_unfinished_run_is_refused(tmp_path, mini_root, capsys):
     main(["--gin", "methods/pmf.gin", "--smoke", "--stage", "train", "--out", str(tmp_path / "r")])
     last = tmp_path / "r" / "checkpoints" / "last.pt"
     state = torch.load(last, weights_only=True)
-    torch.save({**state, "step": 1}, last)  # as if training had stopped at update 1 of 2
+    rewrite_checkpoint(last, {**state, "step": 1})  # as if training had stopped at update 1 of 2
     with pytest.raises(SystemExit) as exit_info:
         main(["--gin", "methods/pmf.gin", "--smoke", "--stage", "eval", "--out", str(tmp_path / "r")])
     assert exit_info.value.code == 2 and "meta-training stopped at update 1 of 2" in capsys.readouterr().err
@@ -304,7 +313,7 @@ def test_run_ids_name_the_processes_that_trained_the_model(tmp_path, mini_root):
         del state["processes"]
         if "torch_rng" in state:
             state["torch_rng"], state["cuda_rng"] = state["torch_rng"] * 2, state["cuda_rng"] * 2
-        torch.save(state, path)
+        rewrite_checkpoint(path, state)
     main(["--gin", "methods/pmf.gin", "--smoke", "--stage", "eval", "--out", str(tmp_path / "pmf")])
     assert {r["run_id"][-3:] for r in rows(tmp_path / "pmf")} == {"-w2"}
 
@@ -379,6 +388,46 @@ def test_a_directory_a_run_did_not_make_is_refused(tmp_path, mini_root, capsys):
     assert (pre / "episodes.jsonl").read_text() == theirs
 
 
+def test_changed_records_are_refused_and_copied_ones_resume(tmp_path, mini_root, monkeypatch, capsys):
+    """Another records root (here the mini benchmark's, via SMAT_BENCH_CACHE) leaves the config hash alone: its
+    records must be those the run was made from, by content (a copy with new file times is fine)."""
+    import shutil
+
+    from benchmark.records import RecordFile, write_records
+
+    run = tmp_path / "run"
+    main([*PRE_SMOKE, "--out", str(run)])
+    copy = tmp_path / "cache" / mini_root.name
+    shutil.copytree(mini_root, copy)
+    monkeypatch.setenv("SMAT_BENCH_CACHE", str(copy.parent))
+    main([*PRE_SMOKE, "--out", str(run)])  # the same records elsewhere
+    class_file = next((copy / "mini_digits").glob("*.tfrecords"))
+    records = RecordFile(class_file)
+    payloads = [records.read(i) for i in range(len(records))]
+    records.close()
+    write_records(class_file, [payloads[1], payloads[0], *payloads[2:]])  # the same count, another content
+    before = (run / "episodes.jsonl").read_bytes()
+    with pytest.raises(SystemExit) as exit_info:
+        main([*PRE_SMOKE, "--out", str(run)])
+    err = last_error(capsys)
+    assert exit_info.value.code == 2 and "the records of source 'mini_digits'" in err and "another --out" in err
+    assert (run / "episodes.jsonl").read_bytes() == before
+
+
+def test_a_changed_checkpoint_is_refused(tmp_path, mini_root, capsys):
+    run = tmp_path / "run"
+    main(["--gin", "methods/pmf.gin", "--smoke", "--stage", "train", "--out", str(run)])
+    best = run / "checkpoints" / "best.pt"
+    data = bytearray(best.read_bytes())
+    data[len(data) // 2] ^= 0x01  # a bit of a weight: the file still loads
+    best.write_bytes(data)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--gin", "methods/pmf.gin", "--smoke", "--stage", "eval", "--out", str(run)])
+    err = last_error(capsys)
+    assert exit_info.value.code == 2 and f"{best}: its SHA-256 is not that of the checkpoint this run wrote" in err
+    assert not (run / "episodes.jsonl").exists()
+
+
 def test_a_corrupt_result_row_is_one_line_naming_file_and_line(tmp_path, mini_root, capsys):
     run = tmp_path / "run"
     main([*PRE_SMOKE, "--out", str(run)])
@@ -399,7 +448,7 @@ def test_a_torn_last_metrics_line_is_cut_off_like_a_torn_row(tmp_path, mini_root
     main(args)
     last, metrics = run / "checkpoints" / "last.pt", run / "metrics.jsonl"
     whole = metrics.read_text()
-    torch.save({**torch.load(last, weights_only=True), "step": 1}, last)  # killed after update 1...
+    rewrite_checkpoint(last, {**torch.load(last, weights_only=True), "step": 1})  # killed after update 1...
     metrics.write_text("".join(whole.splitlines(keepends=True)[:1]) + '{"kind": "train", "st')  # ...writing update 2
     main(args)
     steps = [json.loads(line)["step"] for line in metrics.read_text().splitlines()]
