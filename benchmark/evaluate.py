@@ -149,8 +149,9 @@ def evaluate(method, data, adapters, store, run_info, device="cpu", lr_grid=DEFA
         for adapter_name in adapters:
             adapter = get_adapter(adapter_name, method)
             lr, basis = choose_lr(method, adapter_name, data, source.name, lr_grid, search_episodes, device, lr_cache)
-            todo = [i for i in range(len(episodes)) if row_key(
-                dict(adaptation=adapter_name, source=source.name, split="test", seed=episodes.seed, episode=i)) not in store]
+            todo = [i for i in range(len(episodes)) if row_key(dict(
+                run_info, adaptation=adapter_name, source=source.name, split="test", seed=episodes.seed, episode=i)
+            ) not in store]
             world, rank = distributed.world_size(), distributed.rank()
             rounds = range(0, len(todo), world)  # round r: process p takes episode todo[r + p]
             loader = iter(episode_loader(torch.utils.data.Subset(episodes, todo[rank::world]), workers, cuda))

@@ -8,15 +8,20 @@ Configuration is gin: the files, then the bindings, then the locked config. With
 runs. After the method, the benchmark and the backbone are built, the operative config is written
 to ``RUN_DIR/config.gin``; its SHA-256 is the run's ``config_hash`` and names the default run
 directory. The same command on an existing run directory resumes it (training from the last
-checkpoint, evaluation from the first missing episode); a run directory made with another operative
-config is refused.
+checkpoint, evaluation from the first missing episode). Refused: a run directory made with another
+operative config, one that holds files but no ``config.gin`` (not made by a run), one another process
+is running in (its lock names it), and one whose records or checkpoints changed since they were
+recorded (`benchmark.rundir`).
 
 A run directory holds ``config.gin``, ``metrics.jsonl`` (one line per meta-update and per validation),
 ``checkpoints/last.pt`` (everything needed to continue) and ``checkpoints/best.pt`` (the weights with
-the best mean validation accuracy), ``lr_search.json`` and ``episodes.jsonl`` (contract C3).
+the best mean validation accuracy), ``lr_search.json``, ``episodes.jsonl`` (contract C3),
+``fingerprints.json`` (the SHA-256 of the sources' specs and records and of the checkpoints) and
+``.run.lock`` (held by the process running in it).
 """
 
 import argparse
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -32,14 +37,14 @@ import torch
 from tqdm import tqdm
 
 import methods
-from benchmark import distributed
+from benchmark import distributed, rundir
 from benchmark.checks import check_bindings
 from benchmark.episodes import BenchmarkData, episode_loader
-from benchmark.files import write_json
+from benchmark.files import append_line, write_failed, write_json, write_text
 from benchmark.config import RunConfig
 from benchmark.evaluate import evaluate
 from benchmark.pretrain import pretrained_weights
-from benchmark.results import ResultsStore
+from benchmark.results import ResultsStore, read_jsonl
 from methods import Task, create_backbone, create_method
 from methods.adapters import ADAPTERS, get_adapter
 from registry.catalog import get_benchmark
@@ -213,8 +218,7 @@ def build(config, out=None, checkpoint=None):
 
 def _file_sha256(path):
     try:
-        with open(path, "rb") as f:
-            return hashlib.file_digest(f, "sha256").hexdigest()
+        return rundir.file_sha256(path)
     except FileNotFoundError:
         raise DataError(f"--checkpoint {path}: no such file") from None
 
@@ -233,41 +237,59 @@ def _later_bindings():
     return "\n".join(["", header, *lines, ""]) if lines else ""
 
 
-def claim_directory(run):
-    """Create the run directory, or check that an existing one was made by the same operative config.
+@contextlib.contextmanager
+def claimed(run):
+    """Hold the run directory for the block: create it, or check that an existing one was made by the same
+    operative config; take its lock; record or check its records and checkpoints (`benchmark.rundir`).
 
-    Rank 0 claims; a refusal is raised by every rank (the others would otherwise wait for it at the
-    next collective)."""
-    refusal = None
-    if distributed.is_main():
-        try:
-            _claim(run, run.directory / "config.gin")
-        except (DataError, OSError) as err:
-            refusal = str(err)
-    refusal = distributed.gather_objects(refusal)[0]
-    if refusal is not None:
-        raise DataError(refusal)
+    Rank 0 claims and holds the lock for the whole run (the other ranks write nothing there); a refusal
+    is raised by every rank (the others would otherwise wait for it at the next collective)."""
+    with contextlib.ExitStack() as held:
+        refusal = None
+        if distributed.is_main():
+            try:
+                _claim(run, held)
+            except (DataError, OSError) as err:
+                refusal = str(err)
+        refusal = distributed.gather_objects(refusal)[0]
+        if refusal is not None:
+            raise DataError(refusal)
+        yield
 
 
-def _claim(run, config_file):
+def _claim(run, held):
+    config_file = run.directory / "config.gin"
     if config_file.exists():
         if config_file.read_text() != run.config_text:
             raise DataError(
                 f"{run.directory} holds a run with another operative config ({config_file}); choose another --out "
                 "or use the same --gin files and --bind values to resume it"
             )
-        return
-    run.directory.mkdir(parents=True, exist_ok=True)
-    tmp = config_file.with_name(".config.gin.tmp")
-    tmp.write_text(run.config_text)
-    os.replace(tmp, config_file)
+    elif run.directory.exists():
+        foreign = sorted(p.name for p in run.directory.iterdir() if p.name not in (rundir.LOCK, ".config.gin.tmp"))
+        if foreign:
+            raise DataError(
+                f"{run.directory} holds {', '.join(foreign[:3])}{' ...' if len(foreign) > 3 else ''} but no config.gin: "
+                "not a directory this run made (or its config.gin was removed), and its files would be taken for "
+                "this run's; choose another --out"
+            )
+    held.enter_context(rundir.locked(run.directory))
+    if not config_file.exists():
+        write_text(config_file, run.config_text)
+    rundir.check_records(run.directory, run.data)
+    rundir.check_checkpoints(run.directory)
 
 
 # --- checkpoints ---------------------------------------------------------------------------------------
 
 
 def save_checkpoint(path, run, step, best_valid, with_training_state=True):
-    """Atomically write the method and (optionally) everything needed to continue training."""
+    """Atomically write the method and (optionally) everything needed to continue training; its SHA-256 is
+    recorded in the run (`benchmark.rundir.replace_checkpoint`).
+
+    Raises:
+        DataError: the write failed (e.g. a full disk); the checkpoint before it is kept, no temporary file.
+    """
     state = dict(format=CHECKPOINT_FORMAT, method=run.config.method, variant=run.variant, config_hash=run.config_hash,
                  code_version=code_version(), processes=distributed.world_size(), step=step, best_valid=best_valid,
                  model=run.method.state_dict())
@@ -279,8 +301,13 @@ def save_checkpoint(path, run, step, best_valid, with_training_state=True):
         return
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    try:
+        torch.save(state, tmp)
+        rundir.replace_checkpoint(run.directory, tmp, path)
+    except (OSError, RuntimeError) as err:  # torch.save reports a failed write as a RuntimeError
+        raise write_failed(path, err) from None
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def read_checkpoint(path, mmap=False):
@@ -329,20 +356,19 @@ def _processes_before_they_were_recorded(state, path):
 
 
 class MetricsLog:
-    """``metrics.jsonl``: one JSON line per meta-update or validation; rows past a resumed step are dropped."""
+    """``metrics.jsonl``: one JSON line per meta-update or validation; rows past a resumed step are dropped,
+    and so is a torn last line (a kill in the middle of a write), as in ``episodes.jsonl``."""
 
     def __init__(self, path, keep_until_step):
         self.path = path
-        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
-        kept = [r for r in rows if r["step"] <= keep_until_step]
+        fix = "delete that line (a metrics row; the run goes on without it)"
+        rows = [row for _, row in read_jsonl(path, fix, repair=True)]
+        kept = [r for r in rows if r.get("step", math.inf) <= keep_until_step]
         if len(kept) != len(rows):
-            tmp = path.with_name(f".{path.name}.tmp")
-            tmp.write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in kept))
-            os.replace(tmp, path)
+            write_text(path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in kept))
 
     def write(self, row):
-        with open(self.path, "a") as f:
-            f.write(json.dumps(row, sort_keys=True) + "\n")
+        append_line(self.path, json.dumps(row, sort_keys=True))
 
 
 def validate(run, episodes_per_source):
@@ -464,39 +490,47 @@ def execute(args):
             f"{distributed.world_size()} processes for meta-training; bind it to a multiple of the process count"
         )
     print(job.data.check(trains, args.stage in ("eval", "all"), progress=distributed.is_main()), file=sys.stderr)
-    claim_directory(job)
-    print(f"run in {job.directory} on {_device_name(job.device)}", file=sys.stderr)
-    if trains:
-        checkpoint = train(job)
-    if args.stage in ("eval", "all"):
-        if checkpoint is not None:
-            load_checkpoint(checkpoint, job)
-        elif job.method.trains:
-            best = job.directory / "checkpoints" / "best.pt"
-            if not best.exists():
-                raise DataError(f"{job.directory}: no checkpoint to evaluate; run --stage train first or pass --checkpoint")
-            if done < total:
-                raise DataError(
-                    f"{job.directory}: meta-training stopped at update {done} of {total}, so its rows would not be "
-                    "those of the trained model; finish it (the same command with --stage all), or evaluate a "
-                    f"checkpoint as a run of its own with --checkpoint {best}"
-                )
-            load_checkpoint(best, job)
-        store = ResultsStore(job.directory / "episodes.jsonl")
-        smoke = config.smoke
-        summary = evaluate(
-            job.method, job.data, config.adapters, store, job.row_info(), device=job.device,
-            lr_grid=SMOKE["lr_grid"] if smoke else config.lr_grid,
-            search_episodes=SMOKE["search_episodes"] if smoke else config.search_episodes,
-            num_episodes=SMOKE["test_episodes"] if smoke else config.test_episodes,
-            workers=config.workers, lr_cache=job.directory / "lr_search.json",
-        )
+    with claimed(job):
+        print(f"run in {job.directory} on {_device_name(job.device)}", file=sys.stderr)
+        if trains:
+            checkpoint = train(job)
+        if args.stage in ("eval", "all"):
+            _evaluate(job, checkpoint, done, total)
         if distributed.is_main():
-            _print_summary(job, summary)
-    if distributed.is_main():
-        write_report(job)
-    distributed.barrier()
+            write_report(job)
+        distributed.barrier()
     return job.directory
+
+
+def _evaluate(job, checkpoint, done, total):
+    """Meta-test ``checkpoint`` (else the run's ``best.pt``, or the untrained method) into ``episodes.jsonl``
+    and print the summary; ``done`` of ``total`` meta-updates were trained when the command started."""
+    config = job.config
+    if checkpoint is not None:
+        load_checkpoint(checkpoint, job)
+    elif job.method.trains:
+        best = job.directory / "checkpoints" / "best.pt"
+        if not best.exists():
+            raise DataError(f"{job.directory}: no checkpoint to evaluate; run --stage train first or pass --checkpoint")
+        if done < total:
+            raise DataError(
+                f"{job.directory}: meta-training stopped at update {done} of {total}, so its rows would not be "
+                "those of the trained model; finish it (the same command with --stage all), or evaluate a "
+                f"checkpoint as a run of its own with --checkpoint {best}"
+            )
+        load_checkpoint(best, job)
+    info = job.row_info()
+    store = ResultsStore(job.directory / "episodes.jsonl", run=info)
+    smoke = config.smoke
+    summary = evaluate(
+        job.method, job.data, config.adapters, store, info, device=job.device,
+        lr_grid=SMOKE["lr_grid"] if smoke else config.lr_grid,
+        search_episodes=SMOKE["search_episodes"] if smoke else config.search_episodes,
+        num_episodes=SMOKE["test_episodes"] if smoke else config.test_episodes,
+        workers=config.workers, lr_cache=job.directory / "lr_search.json",
+    )
+    if distributed.is_main():
+        _print_summary(job, summary)
 
 
 def write_report(job):

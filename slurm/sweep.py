@@ -44,6 +44,7 @@ import time
 from pathlib import Path
 
 from benchmark.files import write_json
+from benchmark.results import read_rows
 from registry.errors import DataError, exit_on_error
 from slurm.cluster import check_local_request, check_request, make_executor
 from slurm.launch import check_config, cluster_parser, parameters_from_args, run_argv, submit_jobs
@@ -418,11 +419,8 @@ def _runs_a_local_job(pid):
 
 
 def _rows(run_dir):
-    path = Path(run_dir) / "episodes.jsonl"
-    try:
-        return sum(1 for line in path.read_text().splitlines() if line.strip())
-    except FileNotFoundError:
-        return 0
+    """The result rows in ``run_dir``, each episode once (`benchmark.results.read_rows`)."""
+    return len(read_rows(Path(run_dir) / "episodes.jsonl"))
 
 
 def _squeue_states(job_ids):

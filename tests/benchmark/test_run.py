@@ -26,6 +26,15 @@ def rows(run_dir):
     return [json.loads(line) for line in (Path(run_dir) / "episodes.jsonl").read_text().splitlines()]
 
 
+def rewrite_checkpoint(path, state):
+    """Replace a run's checkpoint with ``state`` as the run itself would (its SHA-256 recorded in the run)."""
+    from benchmark.rundir import replace_checkpoint
+
+    tmp = path.with_name(f".{path.name}.tmp")
+    torch.save(state, tmp)
+    replace_checkpoint(path.parent.parent, tmp, path)
+
+
 @pytest.mark.parametrize("gin_file", METHOD_GINS)
 def test_every_method_gin_file_runs_as_a_smoke_job_on_the_mini_benchmark(gin_file, tmp_path, mini_root, capsys):
     main(["--gin", gin_file, "--smoke", "--out", str(tmp_path / "run")])
@@ -217,7 +226,7 @@ def test_evaluating_an_unfinished_run_is_refused(tmp_path, mini_root, capsys):
     main(["--gin", "methods/pmf.gin", "--smoke", "--stage", "train", "--out", str(tmp_path / "r")])
     last = tmp_path / "r" / "checkpoints" / "last.pt"
     state = torch.load(last, weights_only=True)
-    torch.save({**state, "step": 1}, last)  # as if training had stopped at update 1 of 2
+    rewrite_checkpoint(last, {**state, "step": 1})  # as if training had stopped at update 1 of 2
     with pytest.raises(SystemExit) as exit_info:
         main(["--gin", "methods/pmf.gin", "--smoke", "--stage", "eval", "--out", str(tmp_path / "r")])
     assert exit_info.value.code == 2 and "meta-training stopped at update 1 of 2" in capsys.readouterr().err
@@ -330,7 +339,7 @@ def test_run_ids_name_the_processes_that_trained_the_model(tmp_path, mini_root):
         del state["processes"]
         if "torch_rng" in state:
             state["torch_rng"], state["cuda_rng"] = state["torch_rng"] * 2, state["cuda_rng"] * 2
-        torch.save(state, path)
+        rewrite_checkpoint(path, state)
     main(["--gin", "methods/pmf.gin", "--smoke", "--stage", "eval", "--out", str(tmp_path / "pmf")])
     assert {r["run_id"][-3:] for r in rows(tmp_path / "pmf")} == {"-w2"}
 
@@ -342,3 +351,190 @@ def two_processes(*args, port, timeout=600):
                               env={**env, "RANK": str(r), "LOCAL_RANK": str(r)}, stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True) for r in range(2)]
     return procs, [p.communicate(timeout=timeout) for p in procs]
+
+
+# --- the run directory: one process, one run, its inputs, its files ------------------------------------------------
+
+PRE_SMOKE = ["--gin", "methods/pre.gin", "--smoke"]
+
+
+def last_error(capsys):
+    return capsys.readouterr().err.strip().splitlines()[-1]
+
+
+def test_a_run_directory_held_by_a_process_is_refused_naming_it(tmp_path, mini_root, capsys):
+    from benchmark.rundir import locked
+
+    run = tmp_path / "run"
+    main([*PRE_SMOKE, "--out", str(run)])
+    before = (run / "episodes.jsonl").read_bytes()
+    with locked(run):  # as another process running in it would hold it
+        with pytest.raises(SystemExit) as exit_info:
+            main([*PRE_SMOKE, "--out", str(run)])
+    err = last_error(capsys)
+    assert exit_info.value.code == 2 and f"{run} is in use by pid {os.getpid()} on host" in err and "since" in err
+    assert (run / "episodes.jsonl").read_bytes() == before
+    main([*PRE_SMOKE, "--out", str(run)])  # the lock went with its holder
+    assert (run / "episodes.jsonl").read_bytes() == before
+
+
+def test_readers_count_each_episode_once(tmp_path, mini_root, capsys):
+    """Two processes on one run directory (before it had a lock) wrote every row twice: the printed summary and
+    ``slurm.sweep --status`` count each episode once, and a resumed run writes none again."""
+    from slurm.sweep import _rows
+
+    run = tmp_path / "run"
+    main([*PRE_SMOKE, "--out", str(run)])
+    episodes = run / "episodes.jsonl"
+    episodes.write_text(episodes.read_text() * 2)
+    doubled = episodes.read_text()
+    capsys.readouterr()
+    main([*PRE_SMOKE, "--out", str(run)])
+    summary = capsys.readouterr().out
+    assert "(n=2)" in summary and "(n=4)" not in summary
+    assert episodes.read_text() == doubled and _rows(run) == 6 * 2
+
+
+def test_a_directory_a_run_did_not_make_is_refused(tmp_path, mini_root, capsys):
+    """Rows without a config.gin are not adopted; rows of another run or config in a run directory are refused."""
+    other, pre = tmp_path / "other", tmp_path / "pre"
+    main([*PRE_SMOKE, "--bind", "run.seed = 1", "--out", str(other)])  # another config
+    (other / "config.gin").unlink()
+    with pytest.raises(SystemExit) as exit_info:
+        main([*PRE_SMOKE, "--out", str(other)])
+    assert exit_info.value.code == 2 and "but no config.gin" in last_error(capsys)
+    assert not (other / "config.gin").exists()
+    main([*PRE_SMOKE, "--out", str(pre)])
+    theirs = (other / "episodes.jsonl").read_text()
+    (pre / "episodes.jsonl").write_text(theirs)
+    with pytest.raises(SystemExit) as exit_info:
+        main([*PRE_SMOKE, "--out", str(pre)])
+    err = last_error(capsys)
+    assert exit_info.value.code == 2 and f"{pre / 'episodes.jsonl'}:1: a row of run pre-" in err and "not of this run" in err
+    assert (pre / "episodes.jsonl").read_text() == theirs
+
+
+def test_changed_records_are_refused_and_copied_ones_resume(tmp_path, mini_root, monkeypatch, capsys):
+    """Another records root (here the mini benchmark's, via SMAT_BENCH_CACHE) leaves the config hash alone: its
+    records must be those the run was made from, by content (a copy with new file times is fine)."""
+    import shutil
+
+    from benchmark.records import RecordFile, write_records
+
+    run = tmp_path / "run"
+    main([*PRE_SMOKE, "--out", str(run)])
+    copy = tmp_path / "cache" / mini_root.name
+    shutil.copytree(mini_root, copy)
+    monkeypatch.setenv("SMAT_BENCH_CACHE", str(copy.parent))
+    main([*PRE_SMOKE, "--out", str(run)])  # the same records elsewhere
+    class_file = next((copy / "mini_digits").glob("*.tfrecords"))
+    records = RecordFile(class_file)
+    payloads = [records.read(i) for i in range(len(records))]
+    records.close()
+    write_records(class_file, [payloads[1], payloads[0], *payloads[2:]])  # the same count, another content
+    before = (run / "episodes.jsonl").read_bytes()
+    with pytest.raises(SystemExit) as exit_info:
+        main([*PRE_SMOKE, "--out", str(run)])
+    err = last_error(capsys)
+    assert exit_info.value.code == 2 and "the records of source 'mini_digits'" in err and "another --out" in err
+    assert (run / "episodes.jsonl").read_bytes() == before
+
+
+def test_a_changed_checkpoint_is_refused(tmp_path, mini_root, capsys):
+    run = tmp_path / "run"
+    main(["--gin", "methods/pmf.gin", "--smoke", "--stage", "train", "--out", str(run)])
+    best = run / "checkpoints" / "best.pt"
+    data = bytearray(best.read_bytes())
+    data[len(data) // 2] ^= 0x01  # a bit of a weight: the file still loads
+    best.write_bytes(data)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--gin", "methods/pmf.gin", "--smoke", "--stage", "eval", "--out", str(run)])
+    err = last_error(capsys)
+    assert exit_info.value.code == 2 and f"{best}: its SHA-256 is not that of the checkpoint this run wrote" in err
+    assert not (run / "episodes.jsonl").exists()
+
+
+def test_a_corrupt_result_row_is_one_line_naming_file_and_line(tmp_path, mini_root, capsys):
+    run = tmp_path / "run"
+    main([*PRE_SMOKE, "--out", str(run)])
+    episodes = run / "episodes.jsonl"
+    lines = episodes.read_text().splitlines(keepends=True)
+    lines[2] = lines[2][: len(lines[2]) // 2] + "\n"  # e.g. two writers interleaved
+    episodes.write_text("".join(lines))
+    with pytest.raises(SystemExit) as exit_info:
+        main([*PRE_SMOKE, "--out", str(run)])
+    err = last_error(capsys)
+    assert exit_info.value.code == 2 and f"{episodes}:3: not a JSON object" in err and "delete that line" in err
+    assert episodes.read_text() == "".join(lines)
+
+
+def test_a_torn_last_metrics_line_is_cut_off_like_a_torn_row(tmp_path, mini_root):
+    run = tmp_path / "run"
+    args = ["--gin", "methods/pmf.gin", "--smoke", "--stage", "train", "--out", str(run)]
+    main(args)
+    last, metrics = run / "checkpoints" / "last.pt", run / "metrics.jsonl"
+    whole = metrics.read_text()
+    rewrite_checkpoint(last, {**torch.load(last, weights_only=True), "step": 1})  # killed after update 1...
+    metrics.write_text("".join(whole.splitlines(keepends=True)[:1]) + '{"kind": "train", "st')  # ...writing update 2
+    main(args)
+    steps = [json.loads(line)["step"] for line in metrics.read_text().splitlines()]
+    assert steps == [json.loads(line)["step"] for line in whole.splitlines()]
+
+
+def enospc(name, after):
+    """An ``os.write`` that writes ``after`` lines to the file ``name``, then part of one and fails: a disk filling up."""
+    import errno
+
+    real, written = os.write, []
+
+    def write(fd, data):
+        if not os.readlink(f"/proc/self/fd/{fd}").endswith(name):
+            return real(fd, data)
+        if len(written) == after:
+            real(fd, bytes(data[:10]))
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        written.append(1)
+        return real(fd, data)
+
+    return write
+
+
+def test_a_full_disk_while_writing_a_row_keeps_every_row_before_it(tmp_path, mini_root, monkeypatch, capsys):
+    import benchmark.files
+
+    run = tmp_path / "run"
+    monkeypatch.setattr(benchmark.files.os, "write", enospc("episodes.jsonl", after=5))
+    with pytest.raises(SystemExit) as exit_info:
+        main([*PRE_SMOKE, "--out", str(run)])
+    err = last_error(capsys)
+    assert exit_info.value.code == 2 and f"{run / 'episodes.jsonl'}: cannot write it (No space left on device)" in err
+    assert len(rows(run)) == 5 and (run / "episodes.jsonl").read_text().endswith("\n")
+    monkeypatch.undo()
+    main([*PRE_SMOKE, "--out", str(run)])
+    assert len(rows(run)) == 6 * 2
+
+
+def test_a_full_disk_while_writing_a_checkpoint_keeps_the_one_before(tmp_path, mini_root, monkeypatch, capsys):
+    import errno
+
+    import benchmark.run
+
+    run, real, saved = tmp_path / "run", torch.save, []
+
+    def save(state, path):
+        if saved:  # best.pt is written, then last.pt fails half-way
+            Path(path).write_bytes(b"part of a checkpoint")
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        saved.append(path)
+        real(state, path)
+
+    monkeypatch.setattr(benchmark.run.torch, "save", save)
+    args = ["--gin", "methods/pmf.gin", "--smoke", "--stage", "train", "--out", str(run)]
+    with pytest.raises(SystemExit) as exit_info:
+        main(args)
+    last = run / "checkpoints" / "last.pt"
+    assert exit_info.value.code == 2 and f"{last}: cannot write it (No space left on device)" in last_error(capsys)
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["best.pt"]
+    monkeypatch.undo()
+    main(args)
+    assert torch.load(last, weights_only=True)["step"] == 2
