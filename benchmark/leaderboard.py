@@ -42,7 +42,6 @@ files.
 import argparse
 import ast
 import hashlib
-import json
 import math
 import re
 import statistics
@@ -56,7 +55,7 @@ import pandas as pd
 from scipy.stats import wilcoxon
 from tabulate import tabulate
 
-from benchmark.results import ROW_KEYS, mean_ci
+from benchmark.results import ROW_KEYS, mean_ci, read_jsonl
 from registry.catalog import get_benchmark
 from registry.errors import DataError, exit_on_error
 
@@ -147,19 +146,10 @@ def read_rows(path):
         DataError: naming ``path:line`` for an unreadable file, a line that is not a JSON object, a
             row without a contract-C3 key, or one whose numbers are not what they measure (`number_problems`).
     """
-    try:
-        lines = Path(path).read_text().split("\n")
-    except (OSError, UnicodeDecodeError) as err:
-        raise DataError(f"{path}: cannot read it ({err})") from None
     rows = []
-    for number, line in enumerate(lines[:-1], 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise DataError(f"{path}:{number}: not a JSON row ({err.msg}); the file is corrupt") from None
-        missing = [key for key in ROW_KEYS if key not in row] if isinstance(row, dict) else list(ROW_KEYS)
+    for number, row in read_jsonl(path, "the file is corrupt: remove that line (python -m benchmark.run on its run "
+                                        "directory evaluates its episode again)"):
+        missing = [key for key in ROW_KEYS if key not in row]
         if missing:
             raise DataError(f"{path}:{number}: a result row lacks {', '.join(missing)} (contract C3)")
         wrong = [f"{key} = {row[key]!r}" for key, kind in NUMBERS.items()

@@ -37,13 +37,16 @@ def read_jsonl(path, fix, repair=False):
     it is cut off the file, so that the next line appended starts a line of its own.
 
     Raises:
-        DataError: naming ``path:line`` for any other line that is not a JSON object, with ``fix``.
+        DataError: naming ``path:line`` for any other line that is not a JSON object, with ``fix``; naming
+            ``path`` when it cannot be read.
     """
     path = Path(path)
     try:
         data = path.read_bytes()
     except FileNotFoundError:
         return []
+    except OSError as err:
+        raise DataError(f"{path}: cannot read it ({err.strerror})") from None
     complete = data[: data.rfind(b"\n") + 1]
     if repair and len(complete) != len(data):
         with open(path, "r+b") as f:
