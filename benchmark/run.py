@@ -38,7 +38,7 @@ from tqdm import tqdm
 
 import methods
 from benchmark import distributed, rundir
-from benchmark.checks import check_bindings
+from benchmark.checks import check, check_bindings
 from benchmark.episodes import BenchmarkData, episode_loader
 from benchmark.files import append_line, write_failed, write_json, write_text
 from benchmark.config import RunConfig
@@ -97,9 +97,12 @@ def parse_config(gin_files, bindings):
     gin.finalize()
     try:
         check_bindings()
-        return RunConfig()
+        config = RunConfig()
     except (ValueError, TypeError) as err:
         raise DataError(f"gin: {' '.join(str(err).split())}") from None
+    method = methods.method_class(config.method)  # its values are checked when it is built; here slurm sees them too
+    check(method.name, gin.get_bindings(method.name), method.rules)
+    return config
 
 
 def code_version():

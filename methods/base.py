@@ -178,6 +178,7 @@ class Method(nn.Module):
 
     name = None  # set by register_method
     trains = True  # False: no meta-training (the runner skips it)
+    rules = RULES  # {argument: `benchmark.checks.Rule`} of the constructor, checked before a run is built
 
     def __init__(self, backbone, tasks_per_step=1, warmup_fraction=0.05, min_lr=1e-6):
         check(self.name, locals(), RULES)

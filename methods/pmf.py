@@ -36,6 +36,8 @@ class PMF(Method):
         tasks_per_step, warmup_fraction, min_lr: see `Method`.
     """
 
+    rules = {**Method.rules, **RULES}
+
     def __init__(self, backbone, lr=5e-4, momentum=0.9, tasks_per_step=8, warmup_fraction=0.05, min_lr=1e-6):
         check(self.name, locals(), RULES)
         super().__init__(backbone, tasks_per_step, warmup_fraction, min_lr)

@@ -135,6 +135,8 @@ class SMAT(Method):
         tasks_per_step, warmup_fraction, min_lr: see `Method`.
     """
 
+    rules = {**Method.rules, **RULES}
+
     _transient = (*Method._transient, "_evaluation_gates")
 
     def __init__(self, backbone, variant="default", num_experts=8, target_sparsity=0.9, ce_weight=0.75,

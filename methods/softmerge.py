@@ -48,6 +48,8 @@ class SoftMerge(Method):
         tasks_per_step, warmup_fraction, min_lr: see `Method`.
     """
 
+    rules = {**Method.rules, **RULES}
+
     def __init__(self, backbone, num_experts=8, expert_dropout=0.1, delta_lr=1e-4, delta_momentum=0.9,
                  delta_weight_decay=1e-4, router_lr=1e-4, router_weight_decay=1e-2, router_clip=1.0,
                  tasks_per_step=4, warmup_fraction=0.2, min_lr=1e-6):

@@ -1,6 +1,8 @@
 """`benchmark.checks`: every configurable's values are checked, each bad one is one line naming its binding."""
 
+import contextlib
 import inspect
+import io
 import re
 
 import gin
@@ -10,6 +12,7 @@ import methods
 from benchmark.checks import _LATER, FLAG, check, check_bindings, integer, number, one_of, optional, tuple_of
 from benchmark.config import RULES as RUN_RULES
 from benchmark.config import RunConfig
+from benchmark.run import parse_config
 from methods import MINI_BACKBONE, create_backbone, create_method, list_methods
 from methods.adapters import ADAPTERS
 from methods.base import RULES as METHOD_RULES
@@ -17,6 +20,7 @@ from methods.base import forward_features, inference_features
 from methods.experts import hard_concrete
 from methods.smat import teacher_reuses_query_pass
 from registry.errors import DataError
+from slurm.launch import check_config
 
 
 @pytest.mark.parametrize("rule, good, bad", [
@@ -92,3 +96,17 @@ def test_bindings_of_functions_a_run_calls_later_are_checked_up_front(binding, m
     with pytest.raises(DataError) as info:
         check_bindings()
     assert str(info.value) == message
+
+
+@pytest.mark.parametrize("gin_file, binding, says", [
+    ("methods/smat.gin", "smat.num_experts = 0", "smat.num_experts = 0: give an integer >= 1"),
+    ("methods/smat.gin", "smat.tasks_per_step = 0", "smat.tasks_per_step = 0: give an integer >= 1"),
+    ("methods/pmf.gin", "pmf.momentum = 1.5", "pmf.momentum = 1.5: give a number in [0, 1)"),
+])
+def test_a_method_value_is_refused_when_the_config_is_parsed_so_slurm_refuses_it_before_submitting(gin_file, binding,
+                                                                                                     says):
+    with contextlib.redirect_stderr(io.StringIO()), pytest.raises(DataError) as refused:
+        parse_config([gin_file], [binding])
+    assert str(refused.value) == says
+    with pytest.raises(DataError, match=re.escape(says)):
+        check_config([gin_file], [binding])
