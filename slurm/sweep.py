@@ -56,8 +56,9 @@ MANIFEST = "sweep.json"
 LOCK = ".sweep.lock"  # beside the manifest: held by every load-modify-save of it
 FORMAT = 1
 GIN = "gin"  # the grid key that varies a gin file
+QUEUED = "QUEUED"  # a local point waiting for its turn in the process that runs the sweep (manifest "driver")
 ACTIVE = {"PENDING", "RUNNING", "REQUEUED", "REQUEUE_FED", "REQUEUE_HOLD", "RESV_DEL_HOLD", "COMPLETING",
-          "CONFIGURING", "RESIZING", "SUSPENDED", "SIGNALING", "STAGE_OUT", "READY", "UNKNOWN"}
+          "CONFIGURING", "RESIZING", "SUSPENDED", "SIGNALING", "STAGE_OUT", "READY", "UNKNOWN", QUEUED}
 ASK_SQUEUE = {"UNKNOWN", "PREEMPTED"}  # sacct's answer alone is not final: squeue says whether the job is still held
 POLL_S = 2.0
 
@@ -218,6 +219,8 @@ def _check(path, manifest):
         raise refuse(f"cluster is {json.dumps(manifest['cluster'])[:60]}, expected \"local\" or \"slurm\"")
     if not isinstance(manifest.get("workdir", ""), str):
         raise refuse("workdir is not a string")
+    if not isinstance(manifest.get("driver", 0), int) or isinstance(manifest.get("driver"), bool):
+        raise refuse("driver is not a process id")
     if not manifest["points"]:
         raise refuse("points is empty")
     for i, entry in enumerate(manifest["points"]):
@@ -366,6 +369,11 @@ def _run_locally(manifest_path, manifest, executor, entries, parallelism):
 
     Takes the sweep's lock only to save each new job id, so that ``--status`` elsewhere runs meanwhile.
     """
+    manifest["driver"] = os.getpid()
+    for entry in entries:
+        entry["status"] = QUEUED
+    with _locked(manifest_path):
+        save(manifest_path, manifest)
     waiting, running = list(entries), []
     while waiting or running:
         running = [job for job in running if not job.done()]
@@ -397,8 +405,9 @@ def _ended(folder, job_id):
     return "COMPLETED" if outcome == "success" else "FAILED"
 
 
-def _runs_a_local_job(pid):
-    """Whether process ``pid`` exists and, where ``/proc`` tells, runs submitit (not a program that got the id later)."""
+def _runs(pid, program):
+    """Whether process ``pid`` exists and, where ``/proc`` tells, runs ``program`` (bytes of its command line:
+    ``b"submitit"`` for a local job, ``b"slurm.sweep"`` for a local sweep's driver), not one that got the id later."""
     try:
         os.kill(pid, 0)
     except OSError:  # no such process, or another user's
@@ -410,7 +419,7 @@ def _runs_a_local_job(pid):
     except OSError:  # it ended just now
         return False
     if command:
-        return b"submitit" in command
+        return program in command
     try:  # empty while a process just started is still exec-ing, and always for a kernel thread, which has no exe
         os.readlink(f"/proc/{pid}/exe")
     except OSError:
@@ -473,7 +482,7 @@ def _states(manifest, entries):
                 states[job_id] = held.get(job_id, ended).split()[0]
     elif unresolved:  # local: the job's process id
         for job_id in unresolved:
-            if job_id.isdigit() and _runs_a_local_job(int(job_id)):
+            if job_id.isdigit() and _runs(int(job_id), b"submitit"):
                 states[job_id] = "RUNNING"
             else:  # gone: its result may have landed since it was read above, and this state is final
                 states[job_id] = _ended(manifest["folder"], job_id) or "LOST"
@@ -483,13 +492,21 @@ def _states(manifest, entries):
 def _refresh_states(manifest):
     """Update every submitted point's status in ``manifest``.
 
-    A local point's state is final once its process ended: a later job may get its process id again.
+    A local point's state is final once its process ended: a later job may get its process id again. A
+    local point ``QUEUED`` for its turn is pending while the process running the sweep lives, else it was
+    never submitted (a failure: ``--resubmit-failed`` runs it).
     """
     local = manifest["cluster"] == "local"
-    entries = [e for e in manifest["points"] if e["job_id"] and not (local and e["status"] not in ACTIVE)]
+    entries = [e for e in manifest["points"]
+               if e["job_id"] and e["status"] != QUEUED and not (local and e["status"] not in ACTIVE)]
     states = _states(manifest, entries) if entries else {}
     for entry in entries:
         entry["status"] = states[entry["job_id"]]
+    driver = manifest.get("driver")
+    driving = driver is not None and (driver == os.getpid() or _runs(driver, b"slurm.sweep"))
+    for entry in manifest["points"]:
+        if entry["status"] == QUEUED and not driving:  # the process that was to run it ended first
+            entry["status"] = "NOT SUBMITTED"
 
 
 def _refresh(path):

@@ -243,8 +243,24 @@ def test_a_failing_squeue_is_an_error_and_only_a_job_it_does_not_know_is_lost(tm
 def test_a_local_job_id_that_is_now_a_kernel_thread_is_not_running():
     """A local job's id is its process id; a kernel thread (empty cmdline forever, no exe) that has it is not the job,
     while a process that has no cmdline yet but an exe may be one still exec-ing."""
-    assert not sweep._runs_a_local_job(2)
-    assert not sweep._runs_a_local_job(os.getpid())  # a program, but not submitit's
+    assert not sweep._runs(2, b"submitit")
+    assert not sweep._runs(os.getpid(), b"submitit")  # a program, but not submitit's
+
+
+def test_points_a_local_sweep_has_not_started_yet_are_pending_while_it_runs_and_failed_once_it_ended(tmp_path):
+    """``--status`` in another terminal during ``--local``: the points waiting for their turn are not failed
+    (``--resubmit-failed`` would run them twice), unless the process that was to run them has ended."""
+    driver = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", "slurm.sweep"])
+    try:
+        manifest = manifest_of(tmp_path, "local", [manifest_point(tmp_path, "a", None, sweep.QUEUED)])
+        sweep.save(tmp_path / sweep.MANIFEST, {**manifest, "driver": driver.pid})
+        _, refreshed = sweep.status(tmp_path)
+        assert refreshed["points"][0]["status"] == sweep.QUEUED and sweep.failed(refreshed) == []
+    finally:
+        driver.kill()
+        driver.wait()
+    _, refreshed = sweep.status(tmp_path)
+    assert [e["name"] for e in sweep.failed(refreshed)] == ["a"] and refreshed["points"][0]["status"] == "NOT SUBMITTED"
 
 
 def test_status_never_writes_back_the_job_ids_a_resubmission_just_saved(tmp_path, monkeypatch):
