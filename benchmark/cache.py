@@ -40,7 +40,6 @@ Command line::
 ``--cache`` defaults to ``$SMAT_BENCH_DECODED``, else ``<records root>/decoded``.
 """
 
-import argparse
 import contextlib
 import hashlib
 import json
@@ -59,7 +58,7 @@ from tqdm import tqdm
 from benchmark.episodes import BenchmarkData
 from benchmark.files import write_json
 from registry.dataset_spec import SPEC_FILENAME
-from registry.errors import DataError, exit_on_error
+from registry.errors import CommandParser, DataError, exit_on_error
 
 __all__ = ["DECODED_ENV", "TOLERANCE", "DecodedCache", "DecodedSource", "build_source", "verify_source"]
 
@@ -387,7 +386,7 @@ def _sources(args):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m benchmark.cache", description=__doc__.split("\n")[0])
+    parser = CommandParser(prog="python -m benchmark.cache", description=__doc__.split("\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
     build = commands.add_parser("build", help="decode and resize the records of a benchmark's sources into the cache")
     verify = commands.add_parser("verify", help="check a built cache against the specs and by re-decoding records")

@@ -39,7 +39,6 @@ those runs, so n still counts episodes. Output is deterministic: the same rows g
 files.
 """
 
-import argparse
 import ast
 import hashlib
 import math
@@ -57,7 +56,7 @@ from tabulate import tabulate
 
 from benchmark.results import ROW_KEYS, mean_ci, read_jsonl
 from registry.catalog import get_benchmark
-from registry.errors import DataError, exit_on_error
+from registry.errors import CommandParser, DataError, exit_on_error
 
 __all__ = ["main", "write_results", "load_results", "render_tables", "render_readme", "Results", "Series",
            "Product", "Cell", "average_cell", "published_accuracy"]
@@ -917,7 +916,7 @@ def write_results(run_dirs, out, merge_runs=False, commands=None):
 
 
 def build_parser():
-    parser = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
+    parser = CommandParser(prog=PROG, description=__doc__.split("\n\n")[0])
     parser.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="directories searched for episodes.jsonl")
     parser.add_argument("--out", default="results", help="output directory (default: results/)")
     parser.add_argument("--merge-runs", action="store_true",

@@ -33,7 +33,6 @@ Example:
     python -m benchmark.perf all --json perf.json
 """
 
-import argparse
 import io
 import json
 import os
@@ -51,7 +50,7 @@ from benchmark.files import write_json
 from benchmark.records import encode_example, write_records
 from registry.catalog import Benchmark, Source, get_benchmark
 from registry.dataset_spec import DatasetSpecification, Split, dump_dataset_spec
-from registry.errors import DataError, exit_on_error
+from registry.errors import CommandParser, DataError, exit_on_error
 
 PROG = "python -m benchmark.perf"
 
@@ -655,7 +654,7 @@ def _compute_flags(parser, support=None, query=None):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
+    parser = CommandParser(prog=PROG, description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
     data = commands.add_parser("data", help="episodes/s of decoded episode assembly from records")
     data.add_argument("--inputs", nargs="+", choices=["mini", "md"], default=["mini", "md"])

@@ -19,7 +19,6 @@ Command line::
     python -m benchmark.records export SOURCE_DIR --class C --index I --out FILE.npy
 """
 
-import argparse
 import hashlib
 import io
 import os
@@ -36,7 +35,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from registry.dataset_spec import load_dataset_spec
-from registry.errors import DataError, exit_on_error
+from registry.errors import CommandParser, DataError, exit_on_error
 
 __all__ = [
     "RecordError",
@@ -431,7 +430,7 @@ def _export(source_dir, class_id, index, out):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m benchmark.records", description=__doc__.split("\n")[0])
+    parser = CommandParser(prog="python -m benchmark.records", description=__doc__.split("\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
     verify = commands.add_parser("verify", help="check framing, CRCs, labels and counts of every class file")
     verify.add_argument("source_dir", type=Path)

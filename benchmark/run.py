@@ -20,7 +20,6 @@ the best mean validation accuracy), ``lr_search.json``, ``episodes.jsonl`` (cont
 ``.run.lock`` (held by the process running in it).
 """
 
-import argparse
 import contextlib
 import dataclasses
 import hashlib
@@ -48,7 +47,7 @@ from benchmark.results import ResultsStore, read_jsonl
 from methods import Task, create_backbone, create_method
 from methods.adapters import ADAPTERS, get_adapter
 from registry.catalog import get_benchmark
-from registry.errors import DataError, exit_on_error
+from registry.errors import CommandParser, DataError, exit_on_error
 
 __all__ = ["main", "execute"]
 
@@ -559,7 +558,7 @@ def _print_summary(job, summary):
 
 
 def build_parser():
-    parser = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
+    parser = CommandParser(prog=PROG, description=__doc__.split("\n\n")[0])
     parser.add_argument("--gin", action="append", required=True, help="gin file (repeatable), e.g. methods/smat.gin")
     parser.add_argument("--bind", action="append", default=[], help="gin binding, e.g. 'smat.num_experts = 4'")
     parser.add_argument("--out", help="run directory (default runs/<method>-<benchmark>-<config hash>)")

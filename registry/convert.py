@@ -56,7 +56,6 @@ Example:
 verified (CRC, labels, counts) and matches sources.toml
 """
 
-import argparse
 import contextlib
 import hashlib
 import io
@@ -79,7 +78,7 @@ from tqdm import tqdm
 from benchmark.records import encode_example, verify_source, write_records
 from registry.catalog import SOURCES_FILE, get_source, list_sources
 from registry.dataset_spec import DatasetSpecification, Split, dump_dataset_spec
-from registry.errors import DataError, exit_on_error
+from registry.errors import CommandParser, DataError, exit_on_error
 
 __all__ = ["RawSource", "Converter", "register_converter", "get_converter", "list_converters", "convert", "main"]
 
@@ -491,7 +490,7 @@ def convert(name, raw_dir, records_root, workers=1):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m registry.convert", description=__doc__.split("\n")[0])
+    parser = CommandParser(prog="python -m registry.convert", description=__doc__.split("\n")[0])
     parser.add_argument("name", metavar="NAME", help=f"the source to convert: {', '.join(list_converters())}")
     parser.add_argument(
         "--raw", metavar="RAW_DIR", type=Path, required=True, help="the raw data set (torchvision's root)"

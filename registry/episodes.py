@@ -21,7 +21,7 @@ import sys
 
 from registry.config import EpisodeDescriptionConfig
 from registry.dataset_spec import load_dataset_spec
-from registry.errors import DataError, exit_on_error
+from registry.errors import CommandParser, DataError, exit_on_error
 from registry.sampling import EpisodeDescriptionSampler
 
 PROG = "python -m registry.episodes"
@@ -61,7 +61,7 @@ def config_from_args(args):
 
 
 def build_parser():
-    parser = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
+    parser = CommandParser(prog=PROG, description=__doc__.split("\n\n")[0])
     parser.add_argument("--spec", required=True, help="source directory holding dataset_spec.json, or the file")
     parser.add_argument("--split", required=True, type=str.lower, choices=["train", "valid", "test"])
     parser.add_argument("--seed", required=True, type=int, help="seed of the official module RNG")

@@ -1,9 +1,10 @@
 """The one error type that user-facing commands turn into a one-line message and a non-zero exit."""
 
+import argparse
 import sys
 from contextlib import contextmanager
 
-__all__ = ["DataError", "exit_on_error"]
+__all__ = ["DataError", "exit_on_error", "CommandParser"]
 
 
 class DataError(ValueError):
@@ -27,3 +28,11 @@ def exit_on_error(prog):
         message = " ".join(str(err).split()) or type(err).__name__
         print(f"{prog}: error: {message}", file=sys.stderr)
         raise SystemExit(2) from None
+
+
+class CommandParser(argparse.ArgumentParser):
+    """The commands' `argparse.ArgumentParser`: a bad command line is one line too, as `exit_on_error` writes
+    it (``prog: error: MESSAGE; see prog --help``), and exit status 2."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message}; see {self.prog} --help\n")

@@ -40,7 +40,6 @@ Command line::
     python -m registry.mini [--out DIR]
 """
 
-import argparse
 import colorsys
 import dataclasses
 import io
@@ -67,7 +66,7 @@ from registry.dataset_spec import (
     dump_dataset_spec,
     load_dataset_spec,
 )
-from registry.errors import DataError, exit_on_error
+from registry.errors import CommandParser, DataError, exit_on_error
 
 __all__ = [
     "MINI_VERSION",
@@ -985,7 +984,7 @@ def ensure_mini(root=None):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m registry.mini", description=__doc__.split("\n")[0])
+    parser = CommandParser(prog="python -m registry.mini", description=__doc__.split("\n")[0])
     parser.add_argument(
         "--out", type=Path, default=None, metavar="DIR",
         help=f"benchmark root (default: $SMAT_BENCH_CACHE/mini-v{MINI_VERSION}, "

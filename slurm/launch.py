@@ -15,14 +15,13 @@ checked with ``sinfo``; a refusal is one line and exit status 2. ``--gpus-per-no
 on this machine (no cluster). Prints the job id, the run directory and the log file.
 """
 
-import argparse
 import ast
 import contextlib
 import io
 import sys
 from pathlib import Path
 
-from registry.errors import DataError, exit_on_error
+from registry.errors import CommandParser, DataError, exit_on_error
 from slurm.cluster import check_local_request, check_request, executor_parameters, make_executor
 from slurm.job import BenchmarkJob
 
@@ -34,7 +33,7 @@ PROG = "python -m slurm.launch"
 
 def cluster_parser():
     """The cluster options shared by ``slurm.launch`` and ``slurm.sweep`` (a parent parser, no ``-h``)."""
-    parser = argparse.ArgumentParser(add_help=False)
+    parser = CommandParser(add_help=False)
     group = parser.add_argument_group("cluster (submitit / SLURM)")
     group.add_argument("--partition", help="SLURM partition (default: the cluster's default partition)")
     group.add_argument("--gpus-per-node", type=int, help="GPUs; runs one task per GPU with torch.distributed")
@@ -57,7 +56,7 @@ def cluster_parser():
 def build_parser():
     from benchmark.run import build_parser as run_parser
 
-    return argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0].split(": ", 1)[1],
+    return CommandParser(prog=PROG, description=__doc__.split("\n\n")[0].split(": ", 1)[1],
                                    parents=[run_parser(), cluster_parser()], add_help=False)
 
 
@@ -66,7 +65,7 @@ def build_parser():
 
 def run_argv(argv, own_parser):
     """The ``benchmark.run`` part of ``argv`` without ``--out``: everything ``own_parser`` does not take."""
-    split = argparse.ArgumentParser(add_help=False, parents=[own_parser])
+    split = CommandParser(add_help=False, parents=[own_parser])
     split.add_argument("--out")
     return split.parse_known_args(argv)[1]
 

@@ -28,7 +28,6 @@ results are pickles (loading one runs its code), its ``sweep_dir`` must be the d
 its submitit folder and run directories must lie inside; else one line names the key, exit status 2.
 """
 
-import argparse
 import ast
 import contextlib
 import datetime
@@ -45,7 +44,7 @@ from pathlib import Path
 
 from benchmark.files import write_json
 from benchmark.results import read_rows
-from registry.errors import DataError, exit_on_error
+from registry.errors import CommandParser, DataError, exit_on_error
 from slurm.cluster import check_local_request, check_request, make_executor
 from slurm.launch import check_config, cluster_parser, parameters_from_args, run_argv, submit_jobs
 
@@ -65,7 +64,7 @@ POLL_S = 2.0
 
 def sweep_parser():
     """The options only ``slurm.sweep`` has (a parent parser, no ``-h``)."""
-    parser = argparse.ArgumentParser(add_help=False)
+    parser = CommandParser(add_help=False)
     group = parser.add_argument_group("sweep")
     group.add_argument("--grid", action="append", default=[], metavar="NAME=[V1, V2, ...]",
                        help="a gin parameter (or 'gin' for a gin file) and its values (repeatable: cartesian product)")
@@ -79,7 +78,7 @@ def build_parser():
     """The submission parser: ``benchmark.run``'s options, the cluster options, the sweep options."""
     from benchmark.run import build_parser as run_parser
 
-    return argparse.ArgumentParser(
+    return CommandParser(
         prog=PROG, description=__doc__.split("\n\n")[0].split(": ", 1)[1],
         parents=[run_parser(), cluster_parser(), sweep_parser()], add_help=False,
         epilog="In a sweep, --out is the sweep directory (required): each grid point runs in SWEEP_DIR/<point name>, "
@@ -87,7 +86,7 @@ def build_parser():
 
 
 def _manage_parser():
-    parser = argparse.ArgumentParser(prog=PROG, description="follow or repair a submitted sweep")
+    parser = CommandParser(prog=PROG, description="follow or repair a submitted sweep")
     what = parser.add_mutually_exclusive_group(required=True)
     what.add_argument("--status", metavar="MANIFEST")
     what.add_argument("--resubmit-failed", metavar="MANIFEST")
@@ -266,7 +265,7 @@ def save(path, manifest):
 
 
 def _own_parser():
-    return argparse.ArgumentParser(add_help=False, parents=[cluster_parser(), sweep_parser()])
+    return CommandParser(add_help=False, parents=[cluster_parser(), sweep_parser()])
 
 
 def submit(argv):
