@@ -32,8 +32,8 @@ Tables 1–5 of Chen et al., ICML 2024) sit in their own ``(paper)`` column afte
 of the same configuration; they have no CI.
 
 Runs. A configuration is (benchmark, backbone, method, variant, adaptation). Each run (``run_id``)
-of a configuration is its own column, labelled with a short run id when the configuration has
-several; ``--merge-runs`` makes one column of the runs of a configuration whose ``config.gin`` differ
+of a configuration is its own column, labelled, when the configuration has several, with the bindings
+their ``config.gin`` differ in (e.g. ``SMAT [num_experts=2, target_sparsity=0.5]``), else a short run id; ``--merge-runs`` makes one column of the runs of a configuration whose ``config.gin`` differ
 at most in ``run.seed`` (a sweep's other points stay apart), its per-episode accuracy the mean over
 those runs, so n still counts episodes. Output is deterministic: the same rows give byte-identical
 files.
@@ -261,7 +261,7 @@ class Results:
         for _, same in groupby(found, key=lambda s: s.config):
             same = list(same)
             if len(same) > 1:
-                for series, label in zip(same, short_run_ids([s.run_ids[0] for s in same])):
+                for series, label in zip(same, run_labels([s.run_ids[0] for s in same], self.run_dirs)):
                     series.run_label = label
         return found
 
@@ -341,6 +341,22 @@ def short_run_ids(run_ids):
     """Labels for runs shown side by side: each id's last ``-`` part (the config hash prefix), else the ids."""
     short = [run_id.rsplit("-", 1)[-1] for run_id in run_ids]
     return short if len(set(short)) == len(short) else list(run_ids)
+
+
+def gin_bindings(run_dir):
+    """{name: value text} of the one-line bindings of the run's ``config.gin`` ({} without one)."""
+    path = Path(run_dir) / "config.gin"
+    text = path.read_text() if path.is_file() else ""
+    return dict(re.findall(r"^([\w.]+)\s*=\s*(\S.*?)\s*$", text, flags=re.MULTILINE))
+
+
+def run_labels(run_ids, run_dirs):
+    """Labels for runs of one configuration shown side by side: the bindings their ``config.gin`` differ in
+    (``num_experts=2, target_sparsity=0.5``: the points of a sweep say which they are), else `short_run_ids`."""
+    bindings = [gin_bindings(run_dirs[run_id]) for run_id in run_ids]
+    names = sorted({name for b in bindings for name in b if len({b.get(name) for b in bindings}) > 1})
+    labels = [", ".join(f"{name.rsplit('.', 1)[-1]}={b.get(name, '-')}" for name in names) for b in bindings]
+    return labels if all(labels) and len(set(labels)) == len(labels) else short_run_ids(run_ids)
 
 
 # --- statistics --------------------------------------------------------------------------------------
@@ -424,9 +440,10 @@ class Series:
 
     @property
     def sort_key(self):
-        """Paper order: adapter, then method, then variant (default first), then run."""
+        """Paper order: adapter, then method, then variant (default first), then run (numbers by value)."""
         return (_rank(self.adaptation, ADAPTERS), _rank(self.method, METHODS), self.variant != "default",
-                self.variant, self.run_label)
+                self.variant, [(0, int(part), "") if part.isdigit() else (1, 0, part)
+                               for part in re.split(r"(\d+)", self.run_label)])
 
     @cached_property
     def episodes(self):

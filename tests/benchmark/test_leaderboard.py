@@ -138,17 +138,28 @@ def test_runs_of_one_configuration_are_separate_columns_unless_merged(tmp_path):
     config = "run.method = 'smat'\nrun.seed = {}\nsmat.target_sparsity = {}\n"
     dirs = (write_run(tmp_path / "a", first, config.format(0, 0.9)), write_run(tmp_path / "b", second, config.format(1, 0.9)),
             write_run(tmp_path / "c", other, config.format(0, 0.5)))
-    apart = table((leaderboard(tmp_path, *dirs, out="apart") / MINI_TABLE).read_text())
-    assert {"SMAT [aaaa]", "SMAT [bbbb]"} <= set(apart["mini_shapes"]) and "SMAT" not in apart["mini_shapes"]
-    assert numbers(apart["mini_glyphs"]["SMAT [bbbb]"]) == pytest.approx(
+    apart = table((leaderboard(tmp_path, *dirs, out="apart") / MINI_TABLE).read_text())  # labelled by what differs
+    assert set(apart["mini_shapes"]) == {"SMAT [seed=0, target_sparsity=0.5]", "SMAT [seed=0, target_sparsity=0.9]",
+                                         "SMAT [seed=1, target_sparsity=0.9]"}
+    assert numbers(apart["mini_glyphs"]["SMAT [seed=1, target_sparsity=0.9]"]) == pytest.approx(
         expected(accuracies(second, "mini_glyphs")), abs=0.006)
     merged = table((leaderboard(tmp_path, *dirs, out="merged", merge=True) / MINI_TABLE).read_text())
     per_episode = [(a + b) / 2 for a, b in zip(accuracies(first, "mini_glyphs"), accuracies(second, "mini_glyphs"))]
-    assert set(merged["mini_glyphs"]) == {"SMAT [aaaa]", "SMAT [cccc]"}  # the seeds merged; τ = 0.5 apart
-    assert numbers(merged["mini_glyphs"]["SMAT [aaaa]"]) == pytest.approx(expected(per_episode), abs=0.006)
+    assert set(merged["mini_glyphs"]) == {"SMAT [target_sparsity=0.9]", "SMAT [target_sparsity=0.5]"}  # seeds merged
+    assert numbers(merged["mini_glyphs"]["SMAT [target_sparsity=0.9]"]) == pytest.approx(expected(per_episode), abs=0.006)
     unknown = (write_run(tmp_path / "d", first), write_run(tmp_path / "e", second))  # no config.gin: never merged
     merged = table((leaderboard(tmp_path, *unknown, out="unknown", merge=True) / MINI_TABLE).read_text())
     assert set(merged["mini_glyphs"]) == {"SMAT [aaaa]", "SMAT [bbbb]"}
+
+
+def test_the_points_of_a_sweep_are_columns_named_by_their_values_in_numeric_order(tmp_path):
+    config = "run.method = 'smat'\nsmat.num_experts = {}\n"
+    dirs = [write_run(tmp_path / str(m), run_rows(run_id=f"smat-default-md_mini-{h}"), config.format(m))
+            for m, h in ((16, "aaaa"), (2, "bbbb"), (8, "cccc"))]
+    header = next(line for line in (leaderboard(tmp_path, *dirs) / MINI_TABLE).read_text().splitlines()
+                  if line.startswith("| Source"))
+    assert [cell.strip() for cell in header.strip("|").split("|")][1:] == [
+        "SMAT [num_experts=2]", "SMAT [num_experts=8]", "SMAT [num_experts=16]"]
 
 
 def test_cells_with_fewer_episodes_than_declared_are_marked(tmp_path):
