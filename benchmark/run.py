@@ -268,7 +268,7 @@ def _claim(run, held):
                 "or use the same --gin files and --bind values to resume it"
             )
     elif run.directory.exists():
-        foreign = sorted(p.name for p in run.directory.iterdir() if p.name not in (rundir.LOCK, ".config.gin.tmp"))
+        foreign = sorted(p.name for p in run.directory.iterdir() if p.name not in rundir.BEFORE_THE_RUN)
         if foreign:
             raise DataError(
                 f"{run.directory} holds {', '.join(foreign[:3])}{' ...' if len(foreign) > 3 else ''} but no config.gin: "

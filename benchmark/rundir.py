@@ -24,10 +24,14 @@ from benchmark.files import write_json
 from registry.dataset_spec import SPEC_FILENAME
 from registry.errors import DataError
 
-__all__ = ["LOCK", "FINGERPRINTS", "locked", "file_sha256", "check_records", "check_checkpoints", "replace_checkpoint"]
+__all__ = ["LOCK", "FINGERPRINTS", "BEFORE_THE_RUN", "locked", "file_sha256", "check_records", "check_checkpoints",
+           "replace_checkpoint"]
 
 LOCK = ".run.lock"
 FINGERPRINTS = "fingerprints.json"
+# What a run directory may hold before its config.gin: the lock, a config.gin being written, and the submitit
+# folder (job pickles and logs) that ``slurm.launch`` makes there before its job starts the run.
+BEFORE_THE_RUN = (LOCK, ".config.gin.tmp", "submitit")
 
 
 @contextlib.contextmanager

@@ -29,7 +29,7 @@ from methods.router import PrototypeRouter
 
 
 RULES = dict(  # of `SoftMerge`'s own arguments (`Method` checks the rest)
-    num_experts=integer(1), expert_dropout=number(0, 1, "[)"), delta_lr=number(0), delta_momentum=number(0, 1, "[)"),
+    num_experts=integer(1), expert_dropout=number(0, 1), delta_lr=number(0), delta_momentum=number(0, 1, "[)"),
     delta_weight_decay=number(0), router_lr=number(0), router_weight_decay=number(0),
     router_clip=optional(number(0, ends="(]")),
 )
